@@ -1,0 +1,409 @@
+"""Typed configuration: the schema every Hydra config in ``conf/`` is merged onto.
+
+Each group in ``conf/`` (model, data, lora, quant, train, eval, tracking, paths, study)
+fills one dataclass below. Hydra checks keys and types while composing (a typo or
+``train.learning_rate=abc`` fails there); :func:`validate` then checks ranges and
+cross-field rules, before any data or model is touched::
+
+    python -m finqa_exp train.learning_rate=-1
+    error: train.learning_rate must be > 0, got -1.0
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent. The message names key and value."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape and pre-training of the offline tiny Llama (``model=tiny``)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    max_position_embeddings: int = 512
+    # Brief causal-LM pre-training on the plain text of the train split, so that LoRA
+    # adapts a model that already knows the domain's words (see modeling.build_tiny_base).
+    pretrain_epochs: int = 12
+    pretrain_learning_rate: float = 3e-3
+    pretrain_batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            value = getattr(self, key)
+            _require(value >= 1, f"model.tiny.{key} must be >= 1, got {value}")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"model.tiny.hidden_size ({self.hidden_size}) must be divisible by "
+            f"model.tiny.num_heads ({self.num_heads})",
+        )
+        for key in ("hidden_size", "intermediate_size"):
+            value = getattr(self, key)
+            # bitsandbytes quantizes in blocks of 64 inputs; its CPU kernel needs whole blocks.
+            _require(value % 64 == 0, f"model.tiny.{key} must be a multiple of 64, got {value}")
+        _require(
+            self.vocab_size >= 300, f"model.tiny.vocab_size must be >= 300, got {self.vocab_size}"
+        )
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to tune. ``name_or_path`` null means the offline tiny Llama."""
+
+    name: str = "tiny"
+    name_or_path: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class ColumnsConfig:
+    """Which source columns hold the question, its optional context and the answer."""
+
+    instruction: str = "instruction"
+    input: str | None = "input"
+    output: str = "output"
+
+
+@dataclass
+class DataConfig:
+    """Where the Q&A pairs come from and how they become training examples."""
+
+    name: str = "finqa_sample"
+    # bundled: the set shipped in finqa_exp/resources; hub: a datasets hub id in `path`;
+    # local: a JSON, JSONL, CSV or Parquet file in `path`.
+    source: str = "bundled"
+    path: str | None = None
+    hub_split: str = "train"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    prompt_template: str = "### Question: {question}\n\n### Answer: "
+    subset_size: int | None = None
+    test_size: float = 0.1
+    seed: int = 42
+    max_length: int = 512
+    min_answer_words: int = 3
+
+    def __post_init__(self) -> None:
+        sources = ("bundled", "hub", "local")
+        _require(
+            self.source in sources, f"data.source must be one of {sources}, got '{self.source}'"
+        )
+        if self.source in ("hub", "local"):
+            _require(bool(self.path), f"data.path is required for data.source={self.source}")
+        _require(
+            "{question}" in self.prompt_template,
+            f"data.prompt_template must contain '{{question}}', got {self.prompt_template!r}",
+        )
+        _require(self.test_size > 0, f"data.test_size must be > 0, got {self.test_size}")
+        if self.test_size >= 1:
+            _require(
+                float(self.test_size).is_integer(),
+                "data.test_size must be a fraction in (0, 1) or a whole count, "
+                f"got {self.test_size}",
+            )
+        if self.subset_size is not None:
+            _require(
+                self.subset_size >= 2, f"data.subset_size must be >= 2, got {self.subset_size}"
+            )
+        _require(self.max_length >= 16, f"data.max_length must be >= 16, got {self.max_length}")
+        _require(
+            self.min_answer_words >= 0,
+            f"data.min_answer_words must be >= 0, got {self.min_answer_words}",
+        )
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA adapter."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, f"lora.r must be >= 1, got {self.r}")
+        _require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _require(len(self.target_modules) > 0, "lora.target_modules must not be empty")
+        biases = ("none", "all", "lora_only")
+        _require(self.bias in biases, f"lora.bias must be one of {biases}, got '{self.bias}'")
+
+
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+@dataclass
+class QuantConfig:
+    """bitsandbytes quantization of the frozen base (``quant=nf4``) or none (``quant=none``)."""
+
+    name: str = "nf4"
+    load_in_4bit: bool = True
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    # auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU.
+    compute_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.quant_type in ("nf4", "fp4"),
+            f"quant.quant_type must be 'nf4' or 'fp4', got '{self.quant_type}'",
+        )
+        _require(
+            self.compute_dtype in DTYPES,
+            f"quant.compute_dtype must be one of {DTYPES}, got '{self.compute_dtype}'",
+        )
+
+
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation run (transformers Trainer arguments)."""
+
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    epochs: float = 3.0
+    max_steps: int = -1
+    warmup_steps: int = 0
+    scheduler: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = 5
+    # Eval loss on the test split: at each epoch, every `eval_steps` steps, or never.
+    eval_strategy: str = "epoch"
+    eval_steps: int = 50
+    # Batches of similar length waste less compute on padding.
+    group_by_length: bool = True
+    # bf16/fp16 autocast on GPU; "auto" picks bf16 where supported.
+    mixed_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}"
+        )
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(
+            self.gradient_accumulation_steps >= 1,
+            f"train.gradient_accumulation_steps must be >= 1, got "
+            f"{self.gradient_accumulation_steps}",
+        )
+        _require(
+            self.epochs > 0 or self.max_steps > 0,
+            f"train.epochs must be > 0 (or set train.max_steps), got {self.epochs}",
+        )
+        _require(
+            self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}"
+        )
+        _require(
+            self.scheduler in SCHEDULERS,
+            f"train.scheduler must be one of {SCHEDULERS}, got '{self.scheduler}'",
+        )
+        _require(
+            self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}"
+        )
+        _require(
+            self.logging_steps >= 1, f"train.logging_steps must be >= 1, got {self.logging_steps}"
+        )
+        strategies = ("epoch", "steps", "no")
+        _require(
+            self.eval_strategy in strategies,
+            f"train.eval_strategy must be one of {strategies}, got '{self.eval_strategy}'",
+        )
+        _require(self.eval_steps >= 1, f"train.eval_steps must be >= 1, got {self.eval_steps}")
+        precisions = ("auto", "no", "bf16", "fp16")
+        _require(
+            self.mixed_precision in precisions,
+            f"train.mixed_precision must be one of {precisions}, got '{self.mixed_precision}'",
+        )
+
+
+@dataclass
+class EvalConfig:
+    """ROUGE of greedy answers on the test split, for the base and the tuned model."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    # Cap on test questions scored (null: all of them).
+    max_questions: int | None = None
+    # Questions shown with reference, base and tuned answers in the logged table.
+    num_samples: int = 10
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}"
+        )
+        _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_questions is not None:
+            _require(
+                self.max_questions >= 1,
+                f"eval.max_questions must be >= 1, got {self.max_questions}",
+            )
+        _require(self.num_samples >= 0, f"eval.num_samples must be >= 0, got {self.num_samples}")
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are recorded: MLflow (``tracking=mlflow``) or nowhere (``tracking=none``)."""
+
+    backend: str = "mlflow"
+    uri: str = "sqlite:///mlflow.db"
+    experiment_name: str = "finqa"
+    # Where a new experiment stores artifacts (adapters, tables); null: MLflow's default.
+    artifact_location: str | None = None
+    run_name: str | None = None
+    log_adapter: bool = True
+
+    def __post_init__(self) -> None:
+        backends = ("mlflow", "none")
+        _require(
+            self.backend in backends,
+            f"tracking.backend must be one of {backends}, got '{self.backend}'",
+        )
+
+
+@dataclass
+class PathsConfig:
+    """Where generated things go. All absolute, so sweeps in other folders agree."""
+
+    root_dir: str = "."
+    cache_dir: str = ".cache/finqa_exp"
+    output_dir: str = "outputs"
+    studies_dir: str = "studies"
+    reports_dir: str = "reports"
+
+
+METRICS = ("rouge1", "rouge2", "rougeL", "eval_loss")
+
+
+@dataclass
+class StudyConfig:
+    """What a trial returns to the sweep: the metric, and which way is better."""
+
+    name: str = "finqa_tiny"
+    metric: str = "rougeL"
+    direction: str = "maximize"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.metric in METRICS, f"study.metric must be one of {METRICS}, got '{self.metric}'"
+        )
+        directions = ("maximize", "minimize")
+        _require(
+            self.direction in directions,
+            f"study.direction must be one of {directions}, got '{self.direction}'",
+        )
+        better_low = self.metric == "eval_loss"
+        _require(
+            (self.direction == "minimize") == better_low,
+            f"study.direction={self.direction} does not fit study.metric={self.metric} "
+            f"(eval_loss is minimized, ROUGE maximized)",
+        )
+
+
+@dataclass
+class FinqaConfig:
+    """The whole trial configuration (``conf/config.yaml`` composes it)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    # The experiment preset in use (null: plain defaults); recorded with every run.
+    experiment: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.study.metric == "eval_loss" and self.train.eval_strategy == "no"),
+            "study.metric=eval_loss needs train.eval_strategy=epoch or steps, got 'no'",
+        )
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore as ``finqa_schema`` (``conf/config.yaml`` uses it)."""
+    ConfigStore.instance().store(name="finqa_schema", node=FinqaConfig)
+
+
+def _register_resolvers() -> None:
+    # ${finqa.cwd:} resolves to the absolute folder the command was started in, so paths in
+    # conf/paths stay valid in sweep jobs and tests alike.
+    if not OmegaConf.has_resolver("finqa.cwd"):
+        OmegaConf.register_new_resolver("finqa.cwd", lambda: os.getcwd())
+
+
+_register_resolvers()
+
+
+def validate(cfg: DictConfig | FinqaConfig) -> FinqaConfig:
+    """Check every range and cross-field rule; returns the typed config or raises ConfigError."""
+    if isinstance(cfg, FinqaConfig):
+        cfg = OmegaConf.structured(cfg)
+    try:
+        # to_object builds the dataclasses, which runs each __post_init__ range check.
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # omegaconf validation (type, missing value)
+        raise ConfigError(str(err).splitlines()[0]) from err
+    if not isinstance(obj, FinqaConfig):
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FinqaConfig), cfg))
+    assert isinstance(obj, FinqaConfig)
+    return obj
+
+
+def flatten(cfg: DictConfig | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Resolved config as ``{"train.learning_rate": 0.001, ...}`` (for MLflow params)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,193 @@
+"""Training: the LoRA fine-tune, with transformers' Trainer.
+
+Batches are padded per batch (never all to ``data.max_length``) and, with
+``train.group_by_length``, drawn from examples of similar length. Callbacks stream
+losses to the tracker, stop the trial on a NaN or infinite loss, and report eval loss
+to an Optuna trial so a pruner can stop a bad trial early.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from finqa_exp.config import TrainConfig
+from finqa_exp.data import IGNORE_INDEX
+from finqa_exp.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the trial cannot go on."""
+
+
+def mixed_precision(train: TrainConfig, dev: torch.device) -> dict[str, bool]:
+    """Trainer's bf16/fp16 flags: autocast only on GPU, bf16 where the GPU has it."""
+    choice = train.mixed_precision
+    if dev.type != "cuda" or choice == "no":
+        return {"bf16": False, "fp16": False}
+    if choice == "auto":
+        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
+def training_arguments(
+    train: TrainConfig, output_dir: str | Path, dev: torch.device, has_eval: bool
+) -> TrainingArguments:
+    """``train`` as transformers TrainingArguments (no checkpoints: the adapter is saved once)."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type=train.scheduler,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        # Keep NaN/inf visible in the logs: the default replaces them with the running mean.
+        logging_nan_inf_filter=False,
+        eval_strategy=train.eval_strategy if has_eval else "no",
+        eval_steps=train.eval_steps,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        save_strategy="no",
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=dev.type != "cuda",
+        dataloader_pin_memory=dev.type == "cuda",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        **mixed_precision(train, dev),
+    )
+
+
+def collator(tokenizer: Any, dev: torch.device) -> DataCollatorForSeq2Seq:
+    """Pads each batch to its longest example; labels are padded with the ignore index."""
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(
+        tokenizer,
+        padding="longest",
+        label_pad_token_id=IGNORE_INDEX,
+        pad_to_multiple_of=8 if dev.type == "cuda" else None,
+    )
+
+
+@dataclass
+class LossHistory:
+    train: list[tuple[int, float]] = field(default_factory=list)
+    eval: list[tuple[int, float]] = field(default_factory=list)
+
+
+class MetricsCallback(TrainerCallback):
+    """Sends each logged loss to the tracker, keeps a history, and fails fast on NaN/inf."""
+
+    def __init__(self, tracker: Tracker, history: LossHistory):
+        self.tracker = tracker
+        self.history = history
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        step = state.global_step
+        for key in ("loss", "eval_loss"):
+            if key in logs and not math.isfinite(logs[key]):
+                raise NonFiniteLossError(
+                    f"{key} is {logs[key]} at step {step} (train.learning_rate too high?)"
+                )
+        metrics = {}
+        if "loss" in logs:
+            self.history.train.append((step, float(logs["loss"])))
+            metrics["train_loss"] = logs["loss"]
+            for key in ("learning_rate", "grad_norm"):
+                if key in logs:
+                    metrics[key] = logs[key]
+        if "eval_loss" in logs:
+            self.history.eval.append((step, float(logs["eval_loss"])))
+            metrics["eval_loss"] = logs["eval_loss"]
+        if metrics:
+            self.tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+class PruningCallback(TrainerCallback):
+    """Reports eval loss to an Optuna trial at each eval; stops the trial if the pruner says so.
+
+    Optuna compares intermediate values in the study's direction, so for a study that
+    maximizes (ROUGE) the reported value is the negated loss.
+    """
+
+    def __init__(self, trial: Any, maximize: bool):
+        self.trial = trial
+        self.sign = -1.0 if maximize else 1.0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        import optuna
+
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        self.trial.report(self.sign * float(loss), step=state.global_step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(
+                f"pruned at step {state.global_step} with eval_loss {loss:.4f}"
+            )
+
+
+@dataclass
+class TrainResult:
+    runtime_s: float
+    tokens_seen: int
+    tokens_per_s: float
+    steps: int
+    history: LossHistory
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    train_ds: Any,
+    eval_ds: Any | None,
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    dev: torch.device,
+    tracker: Tracker,
+    extra_callbacks: list[TrainerCallback] | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` (a peft model) in place and return timing and loss history."""
+    history = LossHistory()
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, output_dir, dev, has_eval=eval_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator(tokenizer, dev),
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(tracker, history), *(extra_callbacks or [])],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    runtime = time.perf_counter() - start
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return TrainResult(
+        runtime_s=runtime,
+        tokens_seen=tokens,
+        tokens_per_s=tokens / runtime if runtime > 0 else 0.0,
+        steps=trainer.state.global_step,
+        history=history,
+    )

@@ -1,0 +1,301 @@
+"""One trial: fine-tune a 4-bit LoRA adapter, score it against its base, record it.
+
+This is the callable core behind ``python -m finqa_exp`` (one trial) and every job of
+``python -m finqa_exp -m`` (a sweep)::
+
+    from finqa_exp.trial import run_trial
+    objective = run_trial(cfg)   # cfg composed from conf/config.yaml
+
+Order matters: the config and the data are checked and the tracking store is reached
+before any model is loaded, so bad input fails in seconds and records nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from finqa_exp import data as data_lib
+from finqa_exp import tracking
+from finqa_exp.config import FinqaConfig, flatten, validate
+
+if TYPE_CHECKING:
+    import torch
+
+    from finqa_exp.training import LossHistory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialResult:
+    objective: float
+    metrics: dict[str, float]
+    run_id: str | None
+    adapter_dir: Path
+    samples: list[dict[str, str]]
+    history: LossHistory
+    model: Any  # the tuned peft model (tests inspect it; run_trial drops it)
+
+
+def base_model_source(conf: FinqaConfig, splits: data_lib.Splits) -> str:
+    """Local folder or hub id of the base model; builds (or reuses) the tiny one if asked."""
+    from finqa_exp import modeling
+
+    if conf.model.name_or_path:
+        return conf.model.name_or_path
+    return str(modeling.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir))
+
+
+def peak_memory_mb(dev: torch.device) -> tuple[float, str]:
+    """Peak memory of this trial's device: CUDA allocations on GPU, process RSS on CPU."""
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20, "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux; it is the process's peak, so it includes loading.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+
+
+def _objective(conf: FinqaConfig, metrics: dict[str, float]) -> float:
+    return metrics[conf.study.metric]
+
+
+def _sweep_trial() -> Any | None:
+    """The Optuna trial this job belongs to, when it runs inside a sweep."""
+    try:
+        from finqa_exp.sweeper import current_trial
+    except ImportError:
+        return None
+    return current_trial()
+
+
+def run_trial(cfg: DictConfig) -> float:
+    """Run one trial for the composed config and return its objective (``study.metric``)."""
+    return execute(cfg).objective
+
+
+def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialResult:
+    """Run one trial; returns the objective, metrics, MLflow run id and adapter folder."""
+    start = time.perf_counter()
+    conf = validate(cfg)  # ConfigError: ranges and consistency
+    splits = data_lib.load_splits(conf.data)  # DataError: files, columns, sizes
+    log.info(
+        "data: %d train / %d test pairs (%d rows; dropped %d unpaired, %d short, %d duplicate)",
+        len(splits.train),
+        len(splits.test),
+        splits.stats.rows,
+        splits.stats.unpaired,
+        splits.stats.short_answers,
+        splits.stats.duplicates,
+    )
+    tracker = tracker or tracking.make_tracker(conf.tracking)  # TrackingError: store unreachable
+    # torch, transformers and bitsandbytes take seconds to import: only now that the input
+    # is known to be good.
+    import torch
+
+    from finqa_exp import modeling
+
+    trial = _sweep_trial()
+    dev = modeling.device()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    tags = {
+        **tracking.environment_tags(conf.paths.root_dir, modeling.describe_device(dev)),
+        "model": conf.model.name,
+        "data": conf.data.name,
+        "experiment": conf.experiment or "default",
+    }
+    parent_run_id = None
+    if trial is not None:
+        tags.update({"study": trial.study.study_name, "trial_number": str(trial.number)})
+        parent_run_id = trial.study.user_attrs.get("mlflow_parent_run_id")
+    run_name = conf.tracking.run_name or (
+        f"trial-{trial.number}" if trial is not None else f"{conf.model.name}-{conf.data.name}"
+    )
+    run_id = tracker.start_run(run_name, tags, parent_run_id=parent_run_id)
+    if trial is not None and run_id:
+        trial.set_user_attr("mlflow_run_id", run_id)
+    log.info("MLflow run %s (%s)", run_id, conf.tracking.uri if run_id else "tracking off")
+
+    status = tracking.FAILED
+    try:
+        tracker.log_params(flatten(cfg))
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        result = _fit_and_score(conf, splits, dev, tracker, trial)
+        result.metrics["trial_time_s"] = time.perf_counter() - start
+        tracker.log_metrics({"trial_time_s": result.metrics["trial_time_s"]})
+        result.run_id = run_id
+        status = tracking.FINISHED
+        if trial is not None:
+            tracker.set_tags({"optuna_state": "COMPLETE"})
+        return result
+    except BaseException as err:
+        import optuna
+
+        pruned = isinstance(err, optuna.TrialPruned)
+        if pruned:
+            status = tracking.KILLED
+        tracker.set_tags(
+            {
+                "optuna_state": "PRUNED" if pruned else "FAIL",
+                "error": f"{type(err).__name__}: {err}"[:5000],
+            }
+        )
+        raise
+    finally:
+        tracker.end_run(status)
+
+
+def _fit_and_score(
+    conf: FinqaConfig,
+    splits: data_lib.Splits,
+    dev: torch.device,
+    tracker: tracking.Tracker,
+    trial: Any | None,
+) -> TrialResult:
+    from finqa_exp import evaluation, modeling, training
+
+    source = base_model_source(conf, splits)
+    tokenizer = modeling.load_tokenizer(source, conf.model)
+    tok_key = evaluation.cache_key(
+        source,
+        conf.model.revision,
+        splits.fingerprint(),
+        conf.data.prompt_template,
+        conf.data.max_length,
+    )
+    train_ds = data_lib.tokenize(
+        tokenizer, conf.data.prompt_template, splits.train, conf.data.max_length, f"train-{tok_key}"
+    )
+    eval_ds = data_lib.tokenize(
+        tokenizer, conf.data.prompt_template, splits.test, conf.data.max_length, f"test-{tok_key}"
+    )
+    test = splits.test[: conf.eval.max_questions] if conf.eval.max_questions else splits.test
+    questions = [p.question for p in test]
+    references = [p.answer for p in test]
+
+    log.info(
+        "loading base model %s (%s)",
+        source,
+        "4-bit " + conf.quant.quant_type if conf.quant.load_in_4bit else "not quantized",
+    )
+    base = modeling.load_base_model(source, conf.model, conf.quant, dev)
+
+    # The base score depends only on model, quantization, data, prompt and eval settings:
+    # computed once, then read from the cache by every later trial.
+    base_key = evaluation.cache_key(
+        source,
+        conf.model.revision,
+        OmegaConf.to_container(OmegaConf.structured(conf.quant)),
+        tok_key,
+        conf.eval.max_new_tokens,
+        conf.eval.max_questions,
+        str(dev.type),
+    )
+    cached = evaluation.load_cached(conf.paths.cache_dir, base_key)
+    if cached is None:
+        log.info("scoring the base model on %d test questions", len(questions))
+        base_scores, base_answers = evaluation.score(
+            base,
+            tokenizer,
+            conf.data.prompt_template,
+            questions,
+            references,
+            conf.eval.max_new_tokens,
+            conf.eval.batch_size,
+        )
+        evaluation.save_cached(
+            conf.paths.cache_dir, base_key, {"scores": base_scores, "answers": base_answers}
+        )
+    else:
+        base_scores, base_answers = cached["scores"], cached["answers"]
+    log.info("base ROUGE: %s", _fmt(base_scores))
+
+    model = modeling.add_lora(base, conf.lora, conf.model, conf.quant.load_in_4bit)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d: %d trainable of %d parameters", conf.lora.r, trainable, total)
+    out_dir = Path(conf.paths.output_dir)
+    callbacks = []
+    if trial is not None:
+        callbacks.append(training.PruningCallback(trial, conf.study.direction == "maximize"))
+    result = training.train(
+        model,
+        tokenizer,
+        train_ds,
+        eval_ds,
+        conf.train,
+        out_dir / "trainer",
+        dev,
+        tracker,
+        callbacks,
+    )
+
+    log.info("scoring the tuned model")
+    tuned_scores, tuned_answers = evaluation.score(
+        model,
+        tokenizer,
+        conf.data.prompt_template,
+        questions,
+        references,
+        conf.eval.max_new_tokens,
+        conf.eval.batch_size,
+    )
+    log.info("tuned ROUGE: %s", _fmt(tuned_scores))
+
+    peak, peak_kind = peak_memory_mb(dev)
+    metrics: dict[str, float] = {
+        **tuned_scores,
+        **{f"base_{k}": v for k, v in base_scores.items()},
+        **{f"delta_{k}": tuned_scores[k] - base_scores[k] for k in tuned_scores},
+        "train_time_s": result.runtime_s,
+        "train_tokens": float(result.tokens_seen),
+        "tokens_per_s": result.tokens_per_s,
+        "train_steps": float(result.steps),
+        "peak_memory_mb": peak,
+        "trainable_params": float(trainable),
+    }
+    if result.history.eval:
+        metrics["eval_loss"] = result.history.eval[-1][1]
+    if result.history.train:
+        metrics["final_train_loss"] = result.history.train[-1][1]
+    tracker.log_metrics(metrics)
+    tracker.set_tags({"peak_memory_kind": peak_kind})
+
+    samples = [
+        {"question": q, "reference": r, "base_answer": b, "tuned_answer": t}
+        for q, r, b, t in zip(questions, references, base_answers, tuned_answers)
+    ]
+    tracker.log_table(samples[: conf.eval.num_samples], "samples.json")
+
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir)  # safetensors
+    tokenizer.save_pretrained(adapter_dir)
+    if conf.tracking.log_adapter:
+        tracker.log_artifacts(adapter_dir, "adapter")
+
+    if conf.study.metric not in metrics:
+        raise ValueError(
+            f"study.metric={conf.study.metric} was not measured (eval loss needs a test split "
+            f"and train.eval_strategy other than 'no')"
+        )
+    return TrialResult(
+        objective=_objective(conf, metrics),
+        metrics=metrics,
+        run_id=None,
+        adapter_dir=adapter_dir,
+        samples=samples,
+        history=result.history,
+        model=model,
+    )
+
+
+def _fmt(scores: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in scores.items())

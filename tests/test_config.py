@@ -1,0 +1,105 @@
+"""Config tests: every preset composes (hub ones without downloading), bad values fail early,
+and the builders turn config into the right library objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from finqa_exp.config import ConfigError, LoraConfig, QuantConfig, flatten, validate
+from finqa_exp.modeling import lora_config, quantization_config
+from tests.conftest import CONF, compose_cfg
+
+GROUPS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("model", "data", "quant", "tracking", "experiment")
+}
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{g}={name}" for g, names in GROUPS.items() for name in names],
+)
+def test_every_preset_composes_and_validates(override, tmp_path):
+    extra = ["data.path=pairs.csv"] if override == "data=local" else []
+    cfg = compose_cfg([override, *extra], tmp_path)
+    conf = validate(cfg)
+    assert Path(conf.paths.studies_dir).is_absolute()
+    assert conf.tracking.uri.startswith("sqlite:////") or conf.tracking.backend == "none"
+
+
+def test_seed_tinyllama_is_the_reference_recipe(tmp_path):
+    conf = validate(compose_cfg(["experiment=seed_tinyllama"], tmp_path))
+    assert conf.model.name_or_path == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    assert (conf.data.source, conf.data.path) == ("hub", "gbharti/finance-alpaca")
+    assert (conf.data.subset_size, conf.data.test_size, conf.data.max_length) == (1000, 100, 512)
+    assert conf.data.prompt_template == "### Question: {question}\n\n### Answer: "
+    assert (conf.lora.r, conf.lora.alpha, conf.lora.dropout) == (16, 32, 0.05)
+    assert conf.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (conf.quant.load_in_4bit, conf.quant.quant_type) == (True, "nf4")
+    t = conf.train
+    assert (t.learning_rate, t.batch_size, t.epochs) == (2e-4, 8, 3)
+    assert (t.warmup_steps, t.scheduler) == (100, "linear")
+
+
+def test_seed_llama2_7b_is_the_reference_recipe(tmp_path):
+    conf = validate(compose_cfg(["experiment=seed_llama2_7b"], tmp_path))
+    assert conf.model.name_or_path == "meta-llama/Llama-2-7b-hf"
+    assert (conf.lora.r, conf.lora.alpha, conf.lora.target_modules) == (8, 32, ["q_proj", "v_proj"])
+    assert (conf.train.learning_rate, conf.train.batch_size, conf.train.epochs) == (1e-4, 4, 5)
+    assert conf.quant.load_in_4bit
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.learning_rate=0", "train.learning_rate must be > 0, got 0.0"),
+        ("train.learning_rate=-1e-4", "train.learning_rate must be > 0, got -0.0001"),
+        ("lora.r=0", "lora.r must be >= 1, got 0"),
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("lora.dropout=1.5", "lora.dropout must be in [0, 1), got 1.5"),
+        ("train.scheduler=warp", "train.scheduler must be one of"),
+        ("quant.compute_dtype=float8", "quant.compute_dtype must be one of"),
+        ("data.test_size=0", "data.test_size must be > 0"),
+        ("study.metric=eval_loss", "does not fit study.metric=eval_loss"),
+        ("data=local", "data.path is required for data.source=local"),
+    ],
+)
+def test_bad_values_fail_validation(override, message, tmp_path):
+    cfg = compose_cfg([override], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override", ["train.lr=1e-3", "train.learning_rate=abc", "lora.r=1.5", "model=gpt5"]
+)
+def test_unknown_keys_and_wrong_types_fail_at_composition(override, tmp_path):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg([override], tmp_path)
+
+
+def test_quantization_config_is_nf4_with_double_quant():
+    q = quantization_config(QuantConfig(compute_dtype="bfloat16"), torch.device("cpu"))
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    auto = quantization_config(QuantConfig(), torch.device("cpu"))
+    assert auto.bnb_4bit_compute_dtype == torch.float32  # auto on CPU
+    assert quantization_config(QuantConfig(load_in_4bit=False), torch.device("cpu")) is None
+
+
+def test_lora_config_from_config():
+    lc = lora_config(LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "o_proj"]))
+    assert (lc.r, lc.lora_alpha, lc.lora_dropout) == (16, 32, 0.05)
+    assert set(lc.target_modules) == {"q_proj", "o_proj"}
+    assert lc.task_type == "CAUSAL_LM"
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(OmegaConf.create({"train": {"learning_rate": 1e-3}, "lora": {"r": 8}}))
+    assert flat == {"train.learning_rate": 1e-3, "lora.r": 8}
