@@ -161,6 +161,8 @@ def _fit_and_score(
     tracker: tracking.Tracker,
     trial: Any | None,
 ) -> TrialResult:
+    from transformers import set_seed as transformers_set_seed
+
     from finqa_exp import evaluation, modeling, training
 
     source = base_model_source(conf, splits)
@@ -219,6 +221,9 @@ def _fit_and_score(
         base_scores, base_answers = cached["scores"], cached["answers"]
     log.info("base ROUGE: %s", _fmt(base_scores))
 
+    # Seed before the adapter is created: LoRA's A matrices are drawn from the global RNG,
+    # which building the tiny base or scoring has already advanced by a varying amount.
+    transformers_set_seed(conf.train.seed)
     model = modeling.add_lora(base, conf.lora, conf.model, conf.quant.load_in_4bit)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d: %d trainable of %d parameters", conf.lora.r, trainable, total)

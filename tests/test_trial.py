@@ -143,10 +143,14 @@ def test_trial_on_a_question_answer_csv(make_cfg, tmp_path):
     pd.DataFrame(
         {"question": [r["instruction"] for r in rows], "answer": [r["output"] for r in rows]}
     ).to_csv(path, index=False)
-    result = execute(make_cfg("data=local", f"data.path={path}", "tracking=none", "train.epochs=1"))
+    cfg = make_cfg("data=local", f"data.path={path}", "tracking=none", "train.epochs=1")
+    result = execute(cfg)  # builds a tiny base for this data in-process
     assert result.run_id is None
     assert math.isfinite(result.objective) and 0 <= result.objective <= 1
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    again = execute(cfg)  # reads it from the cache: same seed, same result
+    assert again.metrics["eval_loss"] == result.metrics["eval_loss"]
+    assert again.objective == result.objective
 
 
 def test_hub_preset_runs_the_hub_code_path(make_cfg, monkeypatch, cache_dir):
