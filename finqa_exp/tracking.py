@@ -97,7 +97,11 @@ class MlflowTracker:
             if exp is not None:
                 return exp.experiment_id
             return self.client.create_experiment(
-                self.cfg.experiment_name, artifact_location=_artifact_uri(self.cfg)
+                self.cfg.experiment_name,
+                artifact_location=_artifact_uri(self.cfg),
+                # Marks these as training runs for MLflow UIs that pick their view (GenAI
+                # or model training) by experiment kind.
+                tags={"mlflow.experimentKind": "custom_model_development"},
             )
         except Exception as err:
             if "already exists" in str(err):  # created by a parallel worker meanwhile
@@ -205,3 +209,100 @@ def environment_tags(root_dir: str | Path, device: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             tags[f"version.{pkg}"] = "not installed"
     return tags
+
+
+class StudyRun:
+    """Sweeper callback: one MLflow parent run per Optuna study, trials as its children.
+
+    The parent run id is kept in the study's user attributes, so trial jobs in other
+    processes (and later re-runs of the sweep) find it. At the start of every sweep process
+    it also closes MLflow runs that a killed sweep left RUNNING, with the status their
+    trial ended with; at the end it logs the best value and the trial counts. Used from
+    ``conf/search/default.yaml``::
+
+        hydra.sweeper.callbacks: [{_target_: finqa_exp.tracking.StudyRun, ...}]
+    """
+
+    PARENT_ATTR = "mlflow_parent_run_id"
+
+    def __init__(
+        self,
+        backend: str = "mlflow",
+        uri: str = "sqlite:///mlflow.db",
+        experiment_name: str = "finqa",
+        artifact_location: str | None = None,
+    ):
+        self.enabled = backend == "mlflow"
+        self.cfg = TrackingConfig(
+            backend=backend,
+            uri=uri,
+            experiment_name=experiment_name,
+            artifact_location=artifact_location,
+        )
+        self._tracker: MlflowTracker | None = None
+
+    @property
+    def tracker(self) -> MlflowTracker:
+        if self._tracker is None:
+            self._tracker = MlflowTracker(self.cfg)
+        return self._tracker
+
+    def on_sweep_start(self, study: Any) -> None:
+        if not self.enabled:
+            return
+        client = self.tracker.client
+        parent = study.user_attrs.get(self.PARENT_ATTR)
+        if parent is None:
+            parent = client.create_run(
+                self.tracker.experiment_id,
+                run_name=study.study_name,
+                tags={"study": study.study_name, "optuna_role": "study"},
+            ).info.run_id
+            study.set_user_attr(self.PARENT_ATTR, parent)
+        else:
+            client.update_run(parent, status="RUNNING")
+        for trial in study.get_trials(deepcopy=False):
+            self._close_leftover(trial)
+
+    def on_trial_end(self, study: Any, trial: Any) -> None:
+        if self.enabled:
+            self._close_leftover(trial)
+
+    def on_sweep_end(self, study: Any) -> None:
+        if not self.enabled:
+            return
+        parent = study.user_attrs.get(self.PARENT_ATTR)
+        if parent is None:
+            return
+        counts: dict[str, float] = {}
+        for trial in study.get_trials(deepcopy=False):
+            key = f"trials_{trial.state.name.lower()}"
+            counts[key] = counts.get(key, 0) + 1
+        self.tracker.run_id = parent
+        try:
+            best = study.best_trial
+        except ValueError:  # no complete trial (or multi-objective)
+            best = None
+        if best is not None:
+            counts["best_value"] = float(best.value)
+            counts["best_trial"] = float(best.number)
+            self.tracker.set_tags({f"best.{k}": str(v) for k, v in best.params.items()})
+        self.tracker.log_metrics(counts)
+        self.tracker.end_run(FINISHED)
+
+    def _close_leftover(self, trial: Any) -> None:
+        """End a trial's run that is still RUNNING although its trial is over."""
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        state = trial.state.name
+        if run_id is None or state in ("RUNNING", "WAITING"):
+            return
+        client = self.tracker.client
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # run deleted meanwhile: nothing to close
+            return
+        if run.info.status != "RUNNING":
+            return
+        status = {"COMPLETE": FINISHED, "PRUNED": KILLED}.get(state, FAILED)
+        client.set_tag(run_id, "optuna_state", state)
+        client.set_terminated(run_id, status=status)

@@ -1,0 +1,742 @@
+"""The `finqa_optuna` Hydra sweeper: an Optuna study run through Hydra's launcher.
+
+    python -m finqa_exp -m                                   # conf/search/default.yaml's study
+    python tests/toy_app/app.py -m hydra.sweeper.n_trials=6  # any Hydra app
+    python my_app.py -m hydra/sweeper=finqa_optuna hydra/sweeper/pruner=median \
+        hydra.sweeper.storage=journal:///abs/path/study.log 'lr=tag(log, interval(1e-5, 1e-3))'
+
+Each round asks Optuna for up to `n_jobs` trials, turns their params into overrides
+(finqa_exp/search_space.py), launches them as Hydra jobs numbered by trial number, and tells
+Optuna how each ended. Inside a job, `current_trial()` gives the objective its own trial to
+report intermediate values to and to ask whether to prune.
+
+Bookkeeping that makes `n_trials` the study's total across re-runs and workers:
+- every trial fills one slot; a retry fills the slot of the trial it retries (Optuna's
+  `failed_trial` / `retry_history` system attrs), and a trial another worker asked for after
+  the last slot was taken is marked surplus and fills none;
+- a worker's running trials carry a heartbeat (a system attr refreshed every
+  `heartbeat_interval` s); a RUNNING trial whose heartbeat is older than `grace_period` belongs
+  to a killed sweep: it is failed and re-enqueued with the same params, `max_retry` times.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import gc
+import itertools
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage, InMemoryStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
+
+from finqa_exp.search_space import SearchSpace, grid_size, grid_values, parse_search_space
+from finqa_exp.search_space import trial_overrides as params_to_overrides
+
+log = logging.getLogger(__name__)
+
+TRIAL_ENV = "FINQA_OPTUNA_TRIAL"  # set in each job's environment (hydra.job.env_set)
+FAIL_REASON = "fail_reason"  # user attr of a FAIL trial
+HEARTBEAT_ATTR = "finqa_optuna:heartbeat"
+SURPLUS_ATTR = "finqa_optuna:surplus"
+_MAX_REASON = 1000
+_PEER_POLL_S = 1.0  # how often a worker with nothing left to ask checks its peers' trials
+_BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+_current_trial: contextvars.ContextVar[optuna.Trial | None] = contextvars.ContextVar(
+    "finqa_optuna_trial", default=None
+)
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot go on: bad sweeper settings or too many failed trials."""
+
+
+def current_trial() -> optuna.Trial | None:
+    """The Optuna trial of the job this code runs in, or None outside a finqa_optuna sweep.
+
+    The trial is bound to the study's storage: `report`, `should_prune`, `set_user_attr`,
+    `number` and `study.study_name` work in-process and in a joblib worker alike.
+    """
+    return _current_trial.get()
+
+
+def release_memory() -> None:
+    """Free what a finished job left behind before the next one runs in this process."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # only if the job imported it: never import it here
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """The task function as the launcher sees it: binds the job to its trial, then runs it.
+
+    It travels to joblib workers by pickle, so it holds the storage itself (RDB and journal
+    storages reconnect on unpickling) and the job's trial number comes from its environment.
+    """
+
+    task_function: TaskFunction
+    storage: BaseStorage
+    study_name: str
+    sampler: optuna.samplers.BaseSampler
+    pruner: optuna.pruners.BasePruner
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        study = optuna.load_study(
+            study_name=self.study_name,
+            storage=self.storage,
+            sampler=self.sampler,
+            pruner=self.pruner,
+        )
+        token = _current_trial.set(_bind_trial(study, int(os.environ[TRIAL_ENV])))
+        try:
+            return self.task_function(cfg)
+        finally:
+            _current_trial.reset(token)
+            release_memory()
+
+
+def _bind_trial(study: optuna.Study, number: int) -> optuna.Trial:
+    return optuna.Trial(study, _trial_id(study, number))
+
+
+def _trial_id(study: optuna.Study, number: int) -> int:
+    # Reopening or annotating a trial by number (from another process, or a trial this
+    # process did not ask for) needs the storage's id: Optuna has no public API for it.
+    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+
+
+def _set_attr(study: optuna.Study, number: int, key: str, value: Any, system: bool) -> None:
+    storage = study._storage
+    setter = storage.set_trial_system_attr if system else storage.set_trial_user_attr
+    setter(_trial_id(study, number), key, value)
+
+
+# ---------------------------------------------------------------- settings -> Optuna objects
+
+
+def open_storage(spec: Any) -> BaseStorage:
+    """None -> in memory; journal:///abs/file.log -> journal file; a URL -> RDB; _target_ -> it.
+
+    journal:// paths and sqlite files get their parent folder created.
+    """
+    if spec is None:
+        return InMemoryStorage()
+    if isinstance(spec, BaseStorage):
+        return spec
+    if OmegaConf.is_dict(spec) or isinstance(spec, dict):
+        storage = instantiate(spec)
+        if not isinstance(storage, BaseStorage):
+            raise SweepError(f"hydra.sweeper.storage built {type(storage).__name__}, not a storage")
+        return storage
+    # Files are made absolute: a job that changes directory (hydra.job.chdir) must still
+    # reach the same study.
+    url = str(spec)
+    if url.startswith("journal://"):
+        path = Path(url.removeprefix("journal://")).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = Path(url.removeprefix("sqlite:///")).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{path}"
+        # Several sweep processes write one file: wait for its lock instead of failing.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    return _rdb_storage(url, engine_kwargs)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], tries: int = 3) -> RDBStorage:
+    # Workers started together on a new database race to create its tables (the loser gets
+    # an IntegrityError from alembic's version row); on a later try the tables are there.
+    for attempt in range(1, tries):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs)
+        except SQLAlchemyError:
+            log.info("Storage %s not ready (another worker creating it?), retrying", url)
+            time.sleep(attempt)
+    return RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def study_directions(direction: Any) -> list[str]:
+    """`direction` as Optuna's list of "minimize"/"maximize" (Enum names accepted)."""
+    many = OmegaConf.is_list(direction) or isinstance(direction, (list, tuple))
+    items = list(direction) if many else [direction]
+    names = [str(getattr(item, "name", item)).lower() for item in items]
+    bad = [name for name in names if name not in ("minimize", "maximize")]
+    if not names or bad:
+        raise SweepError(f"hydra.sweeper.direction must be minimize/maximize or a list; got {bad}")
+    return names
+
+
+def build_sampler(
+    sampler_conf: Any, space: SearchSpace, n_trials: int
+) -> tuple[optuna.samplers.BaseSampler, int]:
+    """Instantiate the sampler; the grid sampler gets its grid and caps n_trials at its size."""
+    sampler = instantiate(sampler_conf)
+    if not callable(sampler) or isinstance(sampler, optuna.samplers.BaseSampler):
+        return sampler, n_trials
+    grid = {name: grid_values(name, dist) for name, dist in space.distributions.items()}
+    if not grid:
+        raise SweepError("the grid sampler needs params to sweep (hydra.sweeper.params)")
+    size = grid_size(grid)
+    if size < n_trials:
+        log.info("The grid has %d points: n_trials %d -> %d", size, n_trials, size)
+    return sampler(search_space=grid), min(n_trials, size)
+
+
+def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    """Sample one param through the trial's public suggest API."""
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    raise TypeError(f"{name}: unsupported distribution {dist}")
+
+
+# ---------------------------------------------------------------- study bookkeeping (pure)
+
+
+def _root(trial: FrozenTrial) -> int:
+    return trial.system_attrs.get("failed_trial", trial.number)
+
+
+def replaced_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of trials that a retry replaced (each retry names its predecessor last)."""
+    return {
+        t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")
+    }
+
+
+def slot_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that fill the study's slots, in slot order.
+
+    One per retry chain (its latest trial, ordered by the chain's first number, so a retry
+    keeps its original's place); surplus trials fill none. The first n_trials are the study.
+    """
+    replaced = replaced_numbers(trials)
+    kept = [t for t in trials if t.number not in replaced and not t.system_attrs.get(SURPLUS_ATTR)]
+    return sorted(kept, key=lambda t: (_root(t), t.number))
+
+
+def trials_to_ask(trials: Sequence[FrozenTrial], n_trials: int) -> int:
+    """How many more trials to ask for: waiting ones within the total, plus free slots."""
+    slots = slot_trials(trials)
+    waiting = sum(t.state == TrialState.WAITING for t in slots[:n_trials])
+    return waiting + max(0, n_trials - len(slots))
+
+
+def within_total(trials: Sequence[FrozenTrial], number: int, n_trials: int) -> bool:
+    """Whether trial `number` got one of the first n_trials slots."""
+    slots = [t.number for t in slot_trials(trials)]
+    return number in slots[:n_trials]
+
+
+def running_in_total(trials: Sequence[FrozenTrial], n_trials: int) -> list[FrozenTrial]:
+    """RUNNING trials within the total (another worker's, or a killed one not yet stale)."""
+    return [t for t in slot_trials(trials)[:n_trials] if t.state == TrialState.RUNNING]
+
+
+def last_beat(trial: FrozenTrial) -> float:
+    """Unix time the trial was last known alive."""
+    beat = trial.system_attrs.get(HEARTBEAT_ATTR)
+    if beat is not None:
+        return float(beat)
+    return trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+
+
+def stale_trials(trials: Sequence[FrozenTrial], now: float, grace: float) -> list[FrozenTrial]:
+    """RUNNING trials whose worker has not beaten their heartbeat for `grace` seconds."""
+    return [t for t in trials if t.state == TrialState.RUNNING and now - last_beat(t) > grace]
+
+
+def contiguous_runs(numbers: Sequence[int]) -> list[list[int]]:
+    """Split ascending trial numbers into runs of consecutive ones ([3, 4, 7] -> [[3, 4], [7]])."""
+    runs = []
+    for _, group in itertools.groupby(enumerate(numbers), key=lambda pair: pair[1] - pair[0]):
+        runs.append([number for _, number in group])
+    return runs
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended, as Optuna should be told."""
+
+    state: TrialState
+    values: list[float] | None = None
+    reason: str | None = None
+    error: BaseException | None = field(default=None, compare=False)  # for the log's traceback
+
+
+def describe(error: BaseException) -> str:
+    """The text of a trial's fail_reason: the exception type and message."""
+    return f"{type(error).__name__}: {error}"[:_MAX_REASON]
+
+
+def objective_outcome(value: Any, n_objectives: int) -> Outcome:
+    """COMPLETE with the values if the objective returned finite floats, else FAIL with why."""
+    expected = "a float" if n_objectives == 1 else f"a sequence of {n_objectives} floats"
+    try:
+        values = [float(value)] if n_objectives == 1 else [float(v) for v in value]
+    except (TypeError, ValueError):
+        return Outcome(TrialState.FAIL, reason=f"the objective returned {value!r}, not {expected}")
+    if len(values) != n_objectives:
+        return Outcome(TrialState.FAIL, reason=f"the objective returned {values}, not {expected}")
+    if not all(math.isfinite(v) for v in values):
+        return Outcome(TrialState.FAIL, reason=f"the objective returned {values}: not finite")
+    return Outcome(TrialState.COMPLETE, values)
+
+
+def job_outcome(ret: JobReturn, n_objectives: int) -> Outcome:
+    """Read a Hydra JobReturn: a value, optuna.TrialPruned, or any other exception."""
+    if ret.status == JobStatus.COMPLETED:
+        return objective_outcome(ret.return_value, n_objectives)
+    # JobReturn.return_value re-raises a job's exception; the exception itself is stored here.
+    error = ret._return_value
+    if isinstance(error, optuna.TrialPruned):
+        return Outcome(TrialState.PRUNED)
+    if isinstance(error, BaseException):
+        return Outcome(TrialState.FAIL, reason=describe(error), error=error)
+    return Outcome(TrialState.FAIL, reason=f"the job ended with status {ret.status.name}")
+
+
+def study_results(study: optuna.Study) -> dict[str, Any]:
+    """optimization_results.yaml, as hydra-optuna-sweeper writes it (plus study_name)."""
+    results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name}
+    if len(study.directions) > 1:
+        results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
+        return results
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = study.best_trial if done else None
+    results["best_params"] = best.params if best else None
+    results["best_value"] = best.value if best else None
+    return results
+
+
+# ---------------------------------------------------------------- study writes
+
+
+def enqueue_retry(study: optuna.Study, failed: FrozenTrial, max_retry: int) -> bool:
+    """Queue `failed` again with the same params, unless its chain used up max_retry.
+
+    Uses the system attrs of optuna.storages.RetryFailedTrialCallback, so its
+    `retried_trial_number` / `retry_history` read our retries too.
+    """
+    history = [*failed.system_attrs.get("retry_history", []), failed.number]
+    if len(history) > max_retry:
+        return False
+    system_attrs = {
+        k: v for k, v in failed.system_attrs.items() if not k.startswith("finqa_optuna")
+    }
+    system_attrs.update(failed_trial=history[0], retry_history=history)
+    user_attrs = {k: v for k, v in failed.user_attrs.items() if k != FAIL_REASON}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=failed.params,
+            distributions=failed.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
+        )
+    )
+    return True
+
+
+def fail_trial(study: optuna.Study, number: int, reason: str) -> FrozenTrial | None:
+    """Record trial `number` as FAIL with its reason; None if another worker finished it."""
+    try:
+        _set_attr(study, number, FAIL_REASON, reason[:_MAX_REASON], system=False)
+        return tell(study, number, Outcome(TrialState.FAIL, reason=reason))
+    except (UpdateFinishedTrialError, ValueError):
+        return None
+
+
+def tell(study: optuna.Study, number: int, outcome: Outcome) -> FrozenTrial:
+    """study.tell, tolerating the grid sampler's study.stop() outside optimize()."""
+    try:
+        study.tell(number, values=outcome.values, state=outcome.state)
+    except RuntimeError as err:
+        # The state is stored before the grid sampler's after_trial raises this.
+        if "Study.stop" not in str(err) or isinstance(err, UpdateFinishedTrialError):
+            raise
+    return study.get_trials(deepcopy=False)[number]
+
+
+class Heartbeat:
+    """Refreshes HEARTBEAT_ATTR of this worker's running trials every `interval` seconds."""
+
+    def __init__(self, study: optuna.Study, interval: float) -> None:
+        self._study = study
+        self._interval = interval
+        self._numbers: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="finqa-optuna-heartbeat", daemon=True
+        )
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def add(self, number: int) -> None:
+        with self._lock:
+            self._numbers.add(number)
+        self._beat(number)
+
+    def discard(self, number: int) -> None:
+        with self._lock:
+            self._numbers.discard(number)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                numbers = sorted(self._numbers)
+            for number in numbers:
+                self._beat(number)
+
+    def _beat(self, number: int) -> None:
+        try:
+            _set_attr(self._study, number, HEARTBEAT_ATTR, time.time(), system=True)
+        except UpdateFinishedTrialError:
+            self.discard(number)  # told meanwhile, or failed as stale by another worker
+        except Exception:
+            log.warning("heartbeat of trial %d failed", number, exc_info=True)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+class StudySweep:
+    """The work behind hydra_plugins.finqa_optuna_sweeper.FinqaOptunaSweeper.
+
+    Takes the keys of FinqaOptunaSweeperConf (sampler, pruner, storage and callbacks still
+    as configs); `setup` and `sweep` follow hydra.plugins.sweeper.Sweeper.
+    """
+
+    def __init__(
+        self,
+        sampler: Any,
+        pruner: Any,
+        direction: Any = "minimize",
+        storage: Any = None,
+        study_name: str | None = None,
+        n_trials: int = 20,
+        n_jobs: int = 2,
+        max_failure_rate: float = 0.0,
+        params: Any = None,
+        custom_search_space: str | None = None,
+        enqueue_trials: Any = (),
+        callbacks: Any = (),
+        heartbeat_interval: int = 60,
+        grace_period: int | None = None,
+        max_retry: int = 1,
+    ) -> None:
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise SweepError(f"max_failure_rate must be within [0, 1], got {max_failure_rate}")
+        if n_trials < 0 or n_jobs < 1 or heartbeat_interval <= 0 or max_retry < 0:
+            raise SweepError(
+                "need n_trials >= 0, n_jobs >= 1, heartbeat_interval > 0 and max_retry >= 0; "
+                f"got {n_trials}, {n_jobs}, {heartbeat_interval}, {max_retry}"
+            )
+        self.sampler_conf = sampler
+        self.pruner_conf = pruner
+        self.directions = study_directions(direction)
+        self.storage_spec = storage
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.n_jobs = n_jobs
+        self.max_failure_rate = max_failure_rate
+        self.params = {str(k): str(v) for k, v in (params or {}).items()}
+        self.custom_search_space = custom_search_space
+        self.enqueue = [_plain(p) for p in enqueue_trials or ()]
+        self.callback_confs = list(callbacks or ())
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.grace_period = float(grace_period or 2 * heartbeat_interval)
+        self.max_retry = max_retry
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+        self.config: DictConfig | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+        self.config = config
+
+    def sweep(self, arguments: list[str]) -> optuna.Study:
+        """Run the study up to n_trials trials in total; returns it."""
+        assert self.hydra_context is not None and self.config is not None
+        assert self.task_function is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        space = parse_search_space(overrides, parser)
+        sampler, n_trials = build_sampler(self.sampler_conf, space, self.n_trials)
+        pruner = instantiate(self.pruner_conf) if self.pruner_conf else optuna.pruners.NopPruner()
+        storage = open_storage(self.storage_spec)
+        study = self._open_study(storage, sampler, pruner)
+        job = TrialJob(self.task_function, storage, study.study_name, sampler, pruner)
+        launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=self.hydra_context, task_function=job, config=self.config
+        )
+        if isinstance(storage, InMemoryStorage) and not _in_process(launcher):
+            raise SweepError(
+                f"hydra.sweeper.storage is null (in memory), but {type(launcher).__name__} runs "
+                "jobs in other processes that cannot reach it: set hydra.sweeper.storage, e.g. "
+                "journal:///abs/path/study.log or sqlite:////abs/path/study.db"
+            )
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        log.info(
+            "Study %s (%s, %s): %d trials in total, %d at a time; sampler %s, pruner %s",
+            study.study_name,
+            type(storage).__name__,
+            "/".join(self.directions),
+            n_trials,
+            self.n_jobs,
+            type(sampler).__name__,
+            type(pruner).__name__,
+        )
+        callbacks = [instantiate(conf) for conf in self.callback_confs]
+        persistent = not isinstance(storage, InMemoryStorage)
+        run = SweepRun(self, study, launcher, space, n_trials, persistent, callbacks)
+        _notify(callbacks, "on_sweep_start", study)
+        try:
+            run.execute()
+        finally:
+            results = study_results(study)
+            OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+            log.info("Results: %s", results)
+            _notify(callbacks, "on_sweep_end", study)
+        return study
+
+    def _open_study(
+        self,
+        storage: BaseStorage,
+        sampler: optuna.samplers.BaseSampler,
+        pruner: optuna.pruners.BasePruner,
+    ) -> optuna.Study:
+        study = optuna.create_study(
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            study_name=self.study_name,
+            directions=self.directions,
+            load_if_exists=True,
+        )
+        found = [d.name.lower() for d in study.directions]
+        if found != self.directions:
+            raise SweepError(
+                f"study {study.study_name} is {found}, but hydra.sweeper.direction asks for "
+                f"{self.directions}: use another study_name"
+            )
+        return study
+
+
+def _in_process(launcher: Any) -> bool:
+    # By name: Hydra's plugin scan re-executes its core plugin modules, so the class object
+    # imported here may not be the one it instantiated.
+    return f"{type(launcher).__module__}.{type(launcher).__name__}" == _BASIC_LAUNCHER
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _notify(callbacks: Sequence[Any], event: str, *args: Any) -> None:
+    for callback in callbacks:
+        method = getattr(callback, event, None)
+        if method is not None:
+            method(*args)
+
+
+class SweepRun:
+    """One sweep process's pass over the study: ask, launch, tell until the total is reached."""
+
+    def __init__(
+        self,
+        sweep: StudySweep,
+        study: optuna.Study,
+        launcher: Any,
+        space: SearchSpace,
+        n_trials: int,
+        persistent: bool,
+        callbacks: Sequence[Any] = (),
+    ) -> None:
+        self.sweep = sweep
+        self.study = study
+        self.launcher = launcher
+        self.space = space
+        self.n_trials = n_trials
+        self.persistent = persistent
+        self.extend: Callable[[DictConfig, optuna.Trial], None] | None = (
+            get_method(sweep.custom_search_space) if sweep.custom_search_space else None
+        )
+        self.callbacks = callbacks
+        self.failures: list[str] = []  # this run's failed trials, for max_failure_rate
+
+    def execute(self) -> None:
+        self._fail_stale()
+        for params in self.sweep.enqueue:
+            self.study.enqueue_trial(params, skip_if_exists=True)
+        waiting_logged = False
+        with Heartbeat(self.study, self.sweep.heartbeat_interval) as heartbeat:
+            while True:
+                trials = self.study.get_trials(deepcopy=False)
+                count = min(self.sweep.n_jobs, trials_to_ask(trials, self.n_trials))
+                if count == 0:
+                    running = running_in_total(trials, self.n_trials)
+                    if not running:
+                        break
+                    if not waiting_logged:
+                        log.info(
+                            "Waiting for trials %s of other workers", [t.number for t in running]
+                        )
+                        waiting_logged = True
+                    time.sleep(_PEER_POLL_S)
+                    self._fail_stale()
+                    continue
+                waiting_logged = False
+                self._run_batch(self._ask(count, heartbeat), heartbeat)
+                self._check_failures()
+                self._fail_stale()
+
+    def _finish(self, number: int, outcome: Outcome) -> None:
+        if outcome.state == TrialState.FAIL:
+            self.failures.append(f"trial {number}: {outcome.reason}")
+            log.error("Trial %d failed: %s", number, outcome.reason, exc_info=outcome.error)
+            frozen = fail_trial(self.study, number, outcome.reason or "unknown")
+        else:
+            frozen = tell(self.study, number, outcome)
+            log.info("Trial %d %s: %s", number, frozen.state.name, frozen.values)
+        if frozen is None:
+            log.warning(
+                "Trial %d was finished by another worker (its heartbeat looked stale)", number
+            )
+            return
+        _notify(self.callbacks, "on_trial_end", self.study, frozen)
+
+    def _ask(self, count: int, heartbeat: Heartbeat) -> list[tuple[int, list[str]]]:
+        """Ask for `count` trials and sample them; returns (number, overrides) to launch."""
+        batch = []
+        for _ in range(count):
+            trial = self.study.ask()
+            heartbeat.add(trial.number)
+            if not within_total(self.study.get_trials(deepcopy=False), trial.number, self.n_trials):
+                # Another worker took the last slot between our count and our ask.
+                heartbeat.discard(trial.number)
+                self._drop_surplus(trial.number)
+                break
+            try:
+                batch.append((trial.number, self._configure(trial)))
+            except Exception as err:
+                heartbeat.discard(trial.number)
+                outcome = Outcome(TrialState.FAIL, reason=describe(err), error=err)
+                self._finish(trial.number, outcome)
+        return batch
+
+    def _drop_surplus(self, number: int) -> None:
+        _set_attr(self.study, number, SURPLUS_ATTR, True, system=True)
+        fail_trial(self.study, number, "surplus: the study already had n_trials trials")
+
+    def _configure(self, trial: optuna.Trial) -> list[str]:
+        assert self.sweep.config is not None and self.sweep.hydra_context is not None
+        for name, dist in self.space.distributions.items():
+            suggest(trial, name, dist)
+        if self.extend is not None:
+            self.extend(self.sweep.config, trial)
+        overrides = params_to_overrides(trial.params, self.space)
+        overrides.append(f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}")
+        # Compose now so a bad sampled value fails this trial, not the whole batch.
+        self.sweep.hydra_context.config_loader.load_sweep_config(self.sweep.config, overrides)
+        return overrides
+
+    def _run_batch(self, batch: list[tuple[int, list[str]]], heartbeat: Heartbeat) -> None:
+        jobs = dict(batch)
+        pending = sorted(jobs)
+        try:
+            # Launch consecutive trial numbers together so that hydra.job.num (and so the job
+            # folder) is the trial number: unique across re-runs and concurrent workers.
+            for run in contiguous_runs(pending):
+                try:
+                    returns = self.launcher.launch([jobs[n] for n in run], initial_job_idx=run[0])
+                    outcomes = [job_outcome(ret, len(self.sweep.directions)) for ret in returns]
+                except Exception as err:  # the launcher itself broke, e.g. a killed worker
+                    broken = Outcome(TrialState.FAIL, reason=describe(err), error=err)
+                    outcomes = [broken] * len(run)
+                for number, outcome in zip(run, outcomes):
+                    heartbeat.discard(number)
+                    pending.remove(number)
+                    self._finish(number, outcome)
+        except BaseException as err:
+            # Interrupted (Ctrl-C): fail what is still running and queue it again, as a
+            # killed sweep's trials would be at the next start.
+            for number in pending:
+                heartbeat.discard(number)
+                frozen = fail_trial(self.study, number, f"sweep interrupted: {describe(err)}")
+                if frozen is not None:
+                    enqueue_retry(self.study, frozen, self.sweep.max_retry)
+            raise
+
+    def _fail_stale(self) -> None:
+        if not self.persistent:
+            return  # an in-memory study dies with its only process
+        trials = self.study.get_trials(deepcopy=False)
+        now = time.time()
+        for trial in stale_trials(trials, now, self.sweep.grace_period):
+            silence = now - last_beat(trial)
+            reason = f"stale: no heartbeat for {silence:.0f}s, its sweep process died"
+            frozen = fail_trial(self.study, trial.number, reason)
+            if frozen is None:
+                continue  # another worker failed it first, and retries it
+            retried = enqueue_retry(self.study, frozen, self.sweep.max_retry)
+            log.warning(
+                "Trial %d was left RUNNING (%s)%s",
+                trial.number,
+                reason,
+                "; retrying it" if retried else "",
+            )
+            _notify(self.callbacks, "on_trial_end", self.study, frozen)
+
+    def _check_failures(self) -> None:
+        allowed = self.sweep.max_failure_rate * self.n_trials
+        if len(self.failures) > allowed:
+            raise SweepError(
+                f"{len(self.failures)} trials failed in this sweep, more than max_failure_rate "
+                f"{self.sweep.max_failure_rate} x n_trials {self.n_trials} = {allowed:g}; "
+                f"stopping. Last: {self.failures[-1]}"
+            )

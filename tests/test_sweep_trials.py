@@ -1,0 +1,95 @@
+"""A small real sweep: ``python -m finqa_exp -m`` over tiny-model trials.
+
+Checks what a user relies on after a sweep: the study holds exactly the trials asked
+for, each trial is a child MLflow run of the study's parent run (linked both ways), no
+run is left RUNNING, and optimization_results.yaml names the best trial's params.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "train.epochs=2",
+    "train.batch_size=16",
+    "eval.max_new_tokens=16",
+    "eval.max_questions=8",
+    "hydra.sweeper.n_trials=4",
+    "hydra.sweeper.params={train.learning_rate: 'tag(log, interval(1e-4, 3e-3))',"
+    " lora.r: 'choice(4, 16)'}",
+    # Trial 0 learns fast; trial 1 barely moves, so its first eval loss is worse than the
+    # median of the one finished trial and the median pruner stops it there.
+    "hydra.sweeper.enqueue_trials=[{train.learning_rate: 3e-3, lora.r: 16},"
+    " {train.learning_rate: 1e-5, lora.r: 4}]",
+    "hydra.sweeper.pruner.n_startup_trials=1",
+]
+
+
+def sweep(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FINQA_EXP_ROOT": str(root)}
+    return subprocess.run(
+        [sys.executable, "-m", "finqa_exp", "-m", f"hydra.sweep.dir={root}/multirun", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_small_sweep_over_real_trials(tmp_path):
+    proc = sweep(tmp_path, *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    study = optuna.load_study(
+        study_name="finqa_tiny_finqa_sample",
+        storage=f"sqlite:///{tmp_path}/studies/finqa_tiny_finqa_sample.db",
+    )
+    trials = study.get_trials()
+    assert len(trials) == 4
+    assert trials[0].params == {"train.learning_rate": 3e-3, "lora.r": 16}  # enqueued
+    assert trials[1].state == optuna.trial.TrialState.PRUNED
+    assert trials[0].state == optuna.trial.TrialState.COMPLETE and 0 < trials[0].value < 1
+    assert len({t.params["train.learning_rate"] for t in trials}) == 4
+    assert len(list((tmp_path / "multirun").glob("[0-9]*"))) == 4  # a job folder per trial
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert parent.data.metrics["trials_complete"] == len(done)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    for run in children:
+        assert run.data.tags["study"] == study.study_name
+        trial = trials[int(run.data.tags["trial_number"])]
+        assert run.data.tags["optuna_state"] == trial.state.name
+        assert float(run.data.params["train.learning_rate"]) == pytest.approx(
+            trial.params["train.learning_rate"]
+        )
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics["rougeL"] == pytest.approx(trial.value)
+        else:  # pruned: stopped at its first eval, no ROUGE
+            assert run.info.status == "KILLED" and "rougeL" not in run.data.metrics
+    all_runs = client.search_runs([parent.info.experiment_id])
+    assert not [r for r in all_runs if r.info.status == "RUNNING"]
+
+    results = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(study.best_value)
+    assert results["best_params"]["lora.r"] == study.best_params["lora.r"]

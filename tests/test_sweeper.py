@@ -1,0 +1,705 @@
+"""The finqa_optuna sweeper: grammar mapping and bookkeeping units, then the real CLI of a toy
+Hydra app (tests/toy_app) run as `python tests/toy_app/app.py -m ...` in subprocesses.
+
+    pytest tests/test_sweeper.py            # about a minute on 2 CPU cores
+    pytest tests/test_sweeper.py -k search_space
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.utils import instantiate
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState, create_trial
+
+import hydra_plugins.finqa_optuna_sweeper.finqa_optuna_sweeper  # noqa: F401  (registers configs)
+from finqa_exp import search_space as ss
+from finqa_exp import sweeper as sw
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "tests" / "toy_app" / "app.py"
+TOY_CONF = REPO / "tests" / "toy_app" / "conf"
+SAMPLER_CLASSES = {
+    "tpe": "TPESampler",
+    "random": "RandomSampler",
+    "grid": "GridSampler",
+    "cmaes": "CmaEsSampler",
+    "nsgaii": "NSGAIISampler",
+    "qmc": "QMCSampler",
+    "gp": "GPSampler",
+}
+SAMPLERS = list(SAMPLER_CLASSES)
+PRUNER_CLASSES = {
+    "none": "NopPruner",
+    "median": "MedianPruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+}
+# The toy app's search space, for trials the tests write into a study themselves.
+TOY_SPACE = {
+    "x": FloatDistribution(-5, 5),
+    "y": FloatDistribution(-5, 5),
+    "kind": CategoricalDistribution(["a", "b", "c"]),
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def toy_command(tmp_path: Path, *overrides: str, journal: bool = True) -> list[str]:
+    storage = [f"hydra.sweeper.storage=journal://{tmp_path / 'study.log'}"] if journal else []
+    sweep_dir = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    return [sys.executable, str(APP), "-m", sweep_dir, *storage, *overrides]
+
+
+def toy_env() -> dict[str, str]:
+    # The repo root must import (hydra_plugins, finqa_exp) without `pip install -e .`.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def sweep(
+    tmp_path: Path, *overrides: str, ok: bool = True, journal: bool = True
+) -> subprocess.CompletedProcess:
+    """Run one sweep of the toy app to its end; assert it exited 0 unless ok=False."""
+    proc = subprocess.run(
+        toy_command(tmp_path, *overrides, journal=journal),
+        cwd=tmp_path,
+        env=toy_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def start_sweep(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        toy_command(tmp_path, *overrides),
+        cwd=tmp_path,
+        env=toy_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # pytest run as a shell's background job ignores SIGINT, and so would the sweep:
+        # give it Python's Ctrl-C back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    """Wait for a started sweep: (exit code, output); on timeout kill it and fail."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"the sweep did not end in {timeout} s:\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+def journal_storage(tmp_path: Path) -> JournalStorage:
+    return JournalStorage(JournalFileBackend(str(tmp_path / "study.log")))
+
+
+def load(tmp_path: Path, name: str = "toy") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=journal_storage(tmp_path))
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def running(tmp_path: Path, number: int) -> bool:
+    """Trial `number`'s job is RUNNING and past its writes to the study (it set job_pid).
+
+    Signalling a sweep in the middle of a journal write can leave Optuna's journal lock
+    behind, which the next writer only breaks after 30 s; the tests signal a sleeping job.
+    """
+    if not (tmp_path / "sweep" / str(number) / "trial.json").exists():
+        return False
+    trials = load(tmp_path).trials
+    return trials[number].state == TrialState.RUNNING and "job_pid" in trials[number].user_attrs
+
+
+def results(tmp_path: Path) -> dict[str, Any]:
+    return yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+
+
+def states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.trials]
+
+
+def slots(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return sw.slot_trials(study.get_trials(deepcopy=False))
+
+
+def frozen(number: int, state: TrialState = TrialState.COMPLETE, **attrs: Any):
+    trial = create_trial(
+        state=state,
+        value=1.0 if state == TrialState.COMPLETE else None,
+        params={"x": 0.0},
+        distributions={"x": FloatDistribution(-5, 5)},
+        system_attrs=attrs,
+    )
+    trial.number = number
+    return trial
+
+
+# ---------------------------------------------------------------- search space (units)
+
+
+def space_of(*overrides: str) -> ss.SearchSpace:
+    return ss.parse_search_space(list(overrides))
+
+
+def test_search_space_maps_hydra_grammar_to_distributions():
+    space = space_of(
+        "a=choice(x, 'y z', 3, true)",
+        "b=1,2,3",
+        "c=range(1,4)",
+        "d=range(0.0,1.0,0.25)",
+        "e=range(10,0,-3)",
+        "f=shuffle(range(1,4))",
+        "g=interval(0,1)",
+        "h=int(interval(1,10))",
+        "i=tag(log, interval(1e-5, 1e-3))",
+        "j=tag(log, int(interval(1, 64)))",
+    )
+    d = space.distributions
+    assert d["a"] == CategoricalDistribution(["x", "y z", 3, True])
+    assert d["b"] == CategoricalDistribution([1, 2, 3])
+    # range's stop is exclusive, as in Hydra's basic sweeper
+    assert d["c"] == IntDistribution(1, 3, step=1)
+    assert d["d"] == FloatDistribution(0.0, 0.75, step=0.25)
+    assert d["e"] == IntDistribution(1, 10, step=3)
+    assert d["f"] == CategoricalDistribution([1, 2, 3])
+    assert d["g"] == FloatDistribution(0.0, 1.0)
+    assert d["h"] == IntDistribution(1, 10)
+    assert d["i"] == FloatDistribution(1e-5, 1e-3, log=True)
+    assert d["j"] == IntDistribution(1, 64, log=True)
+    assert space.fixed == []
+
+
+def test_search_space_keeps_fixed_overrides_and_later_wins():
+    space = space_of("x=interval(0,1)", "y=choice(1,2)", "+extra=3", "~gone", "x=0.5", "z=7")
+    assert set(space.distributions) == {"y"}
+    assert space.fixed == ["+extra=3", "~gone", "x=0.5", "z=7"]
+    assert ss.parse_search_space(["x=0.5", "x=interval(0,1)"]).distributions == {
+        "x": FloatDistribution(0.0, 1.0)
+    }
+
+
+def test_search_space_writes_overrides_hydra_reads_back():
+    space = space_of("+extra=choice(a,'b c')", "lst=choice([1,2],[3])", "lr=interval(0,1)", "k=1")
+    lines = ss.trial_overrides({"extra": "b c", "lst": "[1,2]", "lr": 1e-05, "z": "it's"}, space)
+    assert lines == ["+extra=b\\ c", "lst=[1,2]", "lr=1e-05", "z='it\\'s'", "k=1"]
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(lines)}
+    assert parsed == {"extra": "b c", "lst": [1, 2], "lr": 1e-05, "z": "it's", "k": 1}
+    for text in ("1", "true", "null", "a b", "x=y", "[1]", "${x}"):
+        override = OverridesParser.create().parse_override(f"k={ss.format_value(text)}")
+        assert override.value() == text
+
+
+def test_search_space_rejects_bad_ranges_and_grid_of_intervals():
+    with pytest.raises(ValueError, match="empty"):
+        space_of("x=range(5,1)")
+    with pytest.raises(ValueError, match="low <= high"):
+        space_of("x=interval(2,1)")
+    space = space_of("x=choice(a,b)", "y=range(0,6,2)", "z=range(0.0,1.0,0.5)", "w=interval(0,1)")
+    grid = {n: ss.grid_values(n, d) for n, d in space.distributions.items() if n != "w"}
+    assert grid == {"x": ["a", "b"], "y": [0, 2, 4], "z": [0.0, 0.5]}
+    assert ss.grid_size(grid) == 12
+    with pytest.raises(ValueError, match="grid sampler needs discrete"):
+        ss.grid_values("w", space.distributions["w"])
+
+
+# ---------------------------------------------------------------- bookkeeping (units)
+
+
+def test_slots_count_a_retry_in_its_originals_place_and_skip_surplus():
+    trials = [
+        frozen(0),
+        frozen(1, TrialState.FAIL),  # killed, then retried as 4
+        frozen(2, TrialState.PRUNED),
+        frozen(3, TrialState.FAIL, **{sw.SURPLUS_ATTR: True}),
+        frozen(4, TrialState.WAITING, failed_trial=1, retry_history=[1]),
+    ]
+    assert [t.number for t in sw.slot_trials(trials)] == [0, 4, 2]
+    assert sw.trials_to_ask(trials, 3) == 1  # only the waiting retry
+    assert sw.trials_to_ask(trials, 5) == 3  # the retry and two fresh trials
+    assert sw.trials_to_ask(trials, 2) == 1  # the retry keeps slot 1 of 2
+    assert sw.within_total(trials, 4, 2)
+    assert not sw.within_total(trials, 2, 2)
+    assert sw.running_in_total(trials, 3) == []
+
+
+def test_stale_trials_go_by_heartbeat_and_runs_are_contiguous():
+    now = time.time()
+    old = frozen(0, TrialState.RUNNING, **{sw.HEARTBEAT_ATTR: now - 100})
+    fresh = frozen(1, TrialState.RUNNING, **{sw.HEARTBEAT_ATTR: now - 1})
+    done = frozen(2, TrialState.COMPLETE, **{sw.HEARTBEAT_ATTR: now - 100})
+    assert sw.stale_trials([old, fresh, done], now, grace=10) == [old]
+    assert sw.contiguous_runs([3, 4, 5, 8, 10, 11]) == [[3, 4, 5], [8], [10, 11]]
+
+
+def test_outcomes_never_complete_a_nan_and_read_job_returns():
+    assert sw.objective_outcome(0.5, 1) == sw.Outcome(TrialState.COMPLETE, [0.5])
+    assert sw.objective_outcome((1, 2.5), 2) == sw.Outcome(TrialState.COMPLETE, [1.0, 2.5])
+    for value, n in [(math.nan, 1), (math.inf, 1), ((1.0, math.nan), 2), (None, 1), ("x", 1)]:
+        assert sw.objective_outcome(value, n).state == TrialState.FAIL
+    assert "not a sequence of 2" in sw.objective_outcome((1.0,), 2).reason
+
+    pruned = JobReturn(status=JobStatus.FAILED, _return_value=optuna.TrialPruned("step 2"))
+    oom = JobReturn(status=JobStatus.FAILED, _return_value=MemoryError("CUDA out of memory"))
+    assert sw.job_outcome(pruned, 1).state == TrialState.PRUNED
+    assert sw.job_outcome(oom, 1) == sw.Outcome(
+        TrialState.FAIL, reason="MemoryError: CUDA out of memory"
+    )
+    assert sw.job_outcome(JobReturn(status=JobStatus.COMPLETED, _return_value=3), 1).values == [3]
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_retry_is_queued_once_with_the_same_params():
+    study = optuna.create_study()
+    study.add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            params={"x": 1.5},
+            distributions={"x": FloatDistribution(-5, 5)},
+            user_attrs={sw.FAIL_REASON: "stale", "keep": 1},
+            system_attrs={sw.HEARTBEAT_ATTR: 1.0},
+        )
+    )
+    assert sw.enqueue_retry(study, study.trials[0], max_retry=1)
+    retry = study.trials[1]
+    assert retry.state == TrialState.WAITING and retry.params == {"x": 1.5}
+    assert retry.user_attrs == {"keep": 1} and sw.HEARTBEAT_ATTR not in retry.system_attrs
+    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(retry) == 0
+    assert not sw.enqueue_retry(study, retry, max_retry=1)  # the chain used its one retry
+
+
+def test_a_trial_asked_after_the_last_slot_is_surplus_and_not_run(tmp_path):
+    study = optuna.create_study(study_name="toy", storage=journal_storage(tmp_path))
+    for x in (1.0, 2.0):
+        study.add_trial(create_trial(value=x, params={"x": x}, distributions={"x": TOY_SPACE["x"]}))
+    run = sw.SweepRun(
+        sw.StudySweep(sampler=None, pruner=None), study, None, space_of(), 2, persistent=True
+    )
+    # As if another worker took the last slot between this worker's count and its ask.
+    with sw.Heartbeat(study, interval=60) as heartbeat:
+        assert run._ask(1, heartbeat) == []
+    surplus = load(tmp_path).trials[2]
+    assert surplus.state == TrialState.FAIL and surplus.system_attrs[sw.SURPLUS_ATTR]
+    assert surplus.user_attrs[sw.FAIL_REASON].startswith("surplus")
+    assert [t.number for t in slots(load(tmp_path))] == [0, 1]
+    assert run.failures == []  # not a failure of the objective
+
+
+def test_trial_job_binds_its_trial_only_while_it_runs(monkeypatch):
+    study = optuna.create_study(study_name="bind", storage=optuna.storages.InMemoryStorage())
+    study.ask()
+    number = study.ask().number
+    monkeypatch.setenv(sw.TRIAL_ENV, str(number))
+
+    def task(cfg):
+        trial = sw.current_trial()
+        trial.report(0.5, step=0)
+        return trial.number, trial.study.study_name
+
+    job = sw.TrialJob(task, study._storage, "bind", study.sampler, study.pruner)
+    assert sw.current_trial() is None
+    assert job(None) == (number, "bind")
+    assert sw.current_trial() is None
+    assert study.trials[number].intermediate_values == {0: 0.5}
+
+
+def test_release_memory_empties_the_cuda_cache_only_if_torch_is_loaded(monkeypatch):
+    emptied = []
+    cuda = types.SimpleNamespace(is_available=lambda: True, empty_cache=lambda: emptied.append(1))
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    sw.release_memory()
+    assert emptied == [1]
+    monkeypatch.delitem(sys.modules, "torch")
+    sw.release_memory()
+    assert "torch" not in sys.modules  # never imported just to clean up
+
+
+def test_settings_are_checked(tmp_path):
+    assert sw.study_directions("maximize") == ["maximize"]
+    assert sw.study_directions(["minimize", "MAXIMIZE"]) == ["minimize", "maximize"]
+    with pytest.raises(sw.SweepError):
+        sw.study_directions("up")
+    with pytest.raises(sw.SweepError, match="max_failure_rate"):
+        sw.StudySweep(sampler=None, pruner=None, max_failure_rate=1.5)
+    storage = sw.open_storage(f"journal://{tmp_path}/new/dir/study.log")
+    assert isinstance(storage, JournalStorage) and (tmp_path / "new" / "dir").is_dir()
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("pruner", ["none", "median"])
+def test_sampler_and_pruner_configs_compose_and_instantiate(sampler, pruner):
+    overrides = [f"hydra/sweeper/sampler={sampler}", f"hydra/sweeper/pruner={pruner}"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(TOY_CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    conf = cfg.hydra.sweeper
+    assert conf._target_.endswith("FinqaOptunaSweeper") and conf.sampler.seed == 0
+    if sampler == "cmaes":
+        pytest.importorskip("cmaes")
+    space = ss.parse_search_space(["x=choice(1,2)", "y=range(0,3)"])
+    built, n_trials = sw.build_sampler(conf.sampler, space, 20)
+    assert isinstance(built, optuna.samplers.BaseSampler)
+    assert n_trials == (6 if sampler == "grid" else 20)
+    assert isinstance(instantiate(conf.pruner), optuna.pruners.BasePruner)
+
+
+# ---------------------------------------------------------------- the toy app's sweeps
+
+
+def test_sweep_runs_trials_in_numbered_folders_and_writes_results(tmp_path):
+    sweep(tmp_path, "hydra.sweeper.n_trials=4")
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE"] * 4
+    for trial in study.trials:
+        folder = tmp_path / "sweep" / str(trial.number)
+        record = json.loads((folder / "trial.json").read_text())
+        assert record["number"] == trial.number  # current_trial() is the job's own trial
+        assert {k: record[k] for k in ("x", "y", "kind")} == trial.params
+        assert sorted(trial.intermediate_values) == [0, 1, 2]
+        assert trial.user_attrs["job_pid"] == record["pid"]
+    best = min(study.trials, key=lambda t: t.value)
+    assert results(tmp_path) == {
+        "name": "optuna",
+        "study_name": "toy",
+        "best_params": best.params,
+        "best_value": best.value,
+    }
+    assert (tmp_path / "sweep" / "multirun.yaml").exists()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_runs_a_few_trials(tmp_path, sampler):
+    if sampler == "cmaes":
+        pytest.importorskip("cmaes")
+    space = ["x=choice(-1,2)", "y=range(-1,1)"] if sampler == "grid" else []
+    proc = sweep(tmp_path, f"hydra/sweeper/sampler={sampler}", "hydra.sweeper.n_trials=3", *space)
+    assert states(load(tmp_path)) == ["COMPLETE"] * 3
+    assert f"sampler {SAMPLER_CLASSES[sampler]}," in proc.stdout
+
+
+@pytest.mark.parametrize("pruner", list(PRUNER_CLASSES))
+def test_every_pruner_runs_a_few_trials(tmp_path, pruner):
+    proc = sweep(tmp_path, f"hydra/sweeper/pruner={pruner}", "hydra.sweeper.n_trials=3")
+    assert set(states(load(tmp_path))) <= {"COMPLETE", "PRUNED"}
+    assert len(load(tmp_path).trials) == 3
+    assert f"pruner {PRUNER_CLASSES[pruner]}" in proc.stdout
+
+
+def test_grid_sampler_caps_the_total_at_the_grid(tmp_path):
+    grid = ["hydra/sweeper/sampler=grid", "x=choice(0,2)", "y=range(-1,1)", "kind=a"]
+    sweep(tmp_path, *grid, "hydra.sweeper.n_trials=10")
+    sweep(tmp_path, *grid, "hydra.sweeper.n_trials=10")  # the grid is done: nothing to re-run
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE"] * 4
+    points = sorted((t.params["x"], t.params["y"]) for t in study.trials)
+    assert points == [(0, -1), (0, 0), (2, -1), (2, 0)]
+
+
+def test_params_from_the_command_line_override_the_config(tmp_path):
+    sweep(tmp_path, "x=interval(0,1)", "kind=b", "hydra.sweeper.n_trials=3")
+    study = load(tmp_path)
+    assert all(0 <= t.params["x"] <= 1 and "kind" not in t.params for t in study.trials)
+    kinds = {json.loads(p.read_text())["kind"] for p in (tmp_path / "sweep").glob("*/trial.json")}
+    assert kinds == {"b"}
+
+
+def test_multi_objective_writes_the_pareto_front(tmp_path):
+    sweep(
+        tmp_path,
+        "objectives=2",
+        "hydra.sweeper.direction=[minimize,minimize]",
+        "hydra/sweeper/sampler=nsgaii",
+        "hydra.sweeper.n_trials=6",
+    )
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE"] * 6
+    front = {t.number: t for t in study.best_trials}
+    solutions = results(tmp_path)["solutions"]
+    assert len(solutions) == len(front) >= 1
+    by_values = {tuple(t.values): t.params for t in front.values()}
+    assert {tuple(s["values"]): s["params"] for s in solutions} == by_values
+
+
+def test_failed_trials_are_recorded_and_the_sweep_goes_on_within_the_rate(tmp_path):
+    sweep(
+        tmp_path, "fail_on=[1,3]", "hydra.sweeper.max_failure_rate=0.34", "hydra.sweeper.n_trials=6"
+    )
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[1].user_attrs[sw.FAIL_REASON] == "RuntimeError: planned failure of trial 1"
+
+
+def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path):
+    proc = sweep(
+        tmp_path,
+        "fail_on=[1,3,4]",
+        "hydra.sweeper.max_failure_rate=0.25",
+        "hydra.sweeper.n_trials=8",
+        ok=False,
+    )
+    assert proc.returncode != 0
+    assert "3 trials failed in this sweep, more than max_failure_rate 0.25" in proc.stderr
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "FAIL"]  # stopped at 4
+    done = [t.value for t in study.trials if t.state == TrialState.COMPLETE]
+    assert results(tmp_path)["best_value"] == min(done)
+
+
+def test_a_nan_objective_is_a_failed_trial(tmp_path):
+    sweep(tmp_path, "nan_on=[1]", "hydra.sweeper.max_failure_rate=0.5", "hydra.sweeper.n_trials=3")
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert "not finite" in study.trials[1].user_attrs[sw.FAIL_REASON]
+
+
+def test_a_bad_sampled_value_fails_its_trial_only(tmp_path):
+    # kind=d is sampled but the toy objective has no offset for it: a KeyError in the job.
+    sweep(
+        tmp_path,
+        "kind=choice(a,d)",
+        "hydra.sweeper.max_failure_rate=0.5",
+        "hydra.sweeper.enqueue_trials=[{kind: d}, {kind: a}]",
+        "hydra.sweeper.n_trials=2",
+    )
+    study = load(tmp_path)
+    assert states(study) == ["FAIL", "COMPLETE"]
+    assert study.trials[0].user_attrs[sw.FAIL_REASON] == "KeyError: 'd'"
+
+
+def test_a_value_that_does_not_compose_fails_before_launch(tmp_path):
+    # nokey is not in the toy config: the job cannot even be composed.
+    sweep(
+        tmp_path,
+        "nokey=choice(1,2)",
+        "hydra.sweeper.max_failure_rate=1.0",
+        "hydra.sweeper.n_trials=2",
+    )
+    study = load(tmp_path)
+    assert states(study) == ["FAIL", "FAIL"]
+    assert "Could not override 'nokey'" in study.trials[0].user_attrs[sw.FAIL_REASON]
+    assert not list((tmp_path / "sweep").glob("[0-9]*"))  # no job ran
+    assert results(tmp_path)["best_value"] is None
+
+
+def test_rerun_resumes_to_the_total_and_keeps_job_folders(tmp_path):
+    sqlite = f"hydra.sweeper.storage=sqlite:///{tmp_path / 'studies' / 'toy.db'}"
+    sweep(tmp_path, sqlite, "hydra.sweeper.n_trials=4", journal=False)
+    first = {p.parent.name: p.read_text() for p in (tmp_path / "sweep").glob("*/trial.json")}
+    assert sorted(first) == ["0", "1", "2", "3"]
+
+    sweep(tmp_path, sqlite, "hydra.sweeper.n_trials=6", journal=False)
+    sweep(tmp_path, sqlite, "hydra.sweeper.n_trials=6", journal=False)  # nothing left to do
+    storage = f"sqlite:///{tmp_path / 'studies' / 'toy.db'}"
+    study = optuna.load_study(study_name="toy", storage=storage)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4, 5]
+    assert states(study) == ["COMPLETE"] * 6
+    after = {p.parent.name: p.read_text() for p in (tmp_path / "sweep").glob("*/trial.json")}
+    assert sorted(after) == ["0", "1", "2", "3", "4", "5"]
+    assert {k: after[k] for k in first} == first  # the first run's folders are untouched
+    assert json.loads(after["5"])["number"] == 5
+
+
+def test_enqueued_trial_runs_first_and_only_once(tmp_path):
+    seed = "hydra.sweeper.enqueue_trials=[{x: 2.0, y: -1.0, kind: a}]"
+    sweep(tmp_path, seed, "hydra.sweeper.n_trials=2")
+    sweep(tmp_path, seed, "hydra.sweeper.n_trials=3")
+    study = load(tmp_path)
+    assert study.trials[0].params == {"x": 2.0, "y": -1.0, "kind": "a"}
+    assert study.trials[0].value == 0.0
+    assert [t.params for t in study.trials].count(study.trials[0].params) == 1
+    assert states(study) == ["COMPLETE"] * 3
+
+
+def test_a_trial_the_pruner_stops_is_recorded_pruned(tmp_path):
+    good_then_bad = (
+        "hydra.sweeper.enqueue_trials=[{x: 2.0, y: -1.0, kind: a}, {x: -5.0, y: 5.0, kind: c}]"
+    )
+    sweep(
+        tmp_path,
+        "hydra/sweeper/pruner=median",
+        "hydra.sweeper.pruner.n_startup_trials=1",
+        good_then_bad,
+        "hydra.sweeper.n_trials=2",
+    )
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "PRUNED"]
+    assert list(study.trials[1].intermediate_values) == [0]  # stopped after its first report
+
+
+def test_stale_running_trial_is_failed_and_retried_with_the_same_params(tmp_path):
+    study = optuna.create_study(study_name="toy", storage=journal_storage(tmp_path))
+    params = {"x": 1.0, "y": 0.0, "kind": "b"}
+    study.add_trial(
+        create_trial(
+            state=TrialState.RUNNING,
+            params=params,
+            distributions=TOY_SPACE,
+            system_attrs={sw.HEARTBEAT_ATTR: time.time() - 3600},  # its sweep died an hour ago
+        )
+    )
+    sweep(tmp_path, "hydra.sweeper.n_trials=3")
+    study = load(tmp_path)
+    assert states(study) == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert study.trials[0].user_attrs[sw.FAIL_REASON].startswith("stale: no heartbeat")
+    retry = study.trials[1]
+    assert retry.params == params and retry.system_attrs["failed_trial"] == 0
+    assert [t.number for t in slots(study)] == [1, 2, 3]  # exactly n_trials counted
+
+
+def test_a_killed_sweep_is_resumed_and_its_trial_retried(tmp_path):
+    live = ["hang_on=[1]", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
+    proc = start_sweep(tmp_path, *live, "hydra.sweeper.n_trials=3")
+    wait_until(lambda: running(tmp_path, 1))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed = load(tmp_path).trials[1]
+    assert killed.state == TrialState.RUNNING  # what kill -9 leaves behind
+
+    sweep(tmp_path, *live[1:], "hydra.sweeper.n_trials=3")
+    study = load(tmp_path)
+    assert study.trials[1].state == TrialState.FAIL
+    assert study.trials[1].user_attrs[sw.FAIL_REASON].startswith("stale")
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert [t.state.name for t in slots(study)] == ["COMPLETE"] * 3
+    assert len(study.trials) == 4
+    for trial in (killed, retries[0]):  # the retry ran in a folder of its own
+        record = json.loads((tmp_path / "sweep" / str(trial.number) / "trial.json").read_text())
+        assert record["number"] == trial.number
+
+
+def test_a_live_workers_trial_is_not_failed(tmp_path):
+    live = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
+    first = start_sweep(tmp_path, *live, "hang_on=[0]", "hang_s=5", "hydra.sweeper.n_trials=2")
+    wait_until(lambda: running(tmp_path, 0))
+    second = sweep(tmp_path, *live, "hydra.sweeper.n_trials=2")
+    code, out = finish(first)
+    assert code == 0, out[-4000:]
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "COMPLETE"]  # trial 0 outlived the grace period
+    assert "Waiting for trials [0] of other workers" in second.stdout + second.stderr
+
+
+def test_interrupted_sweep_fails_and_requeues_its_trial(tmp_path):
+    proc = start_sweep(tmp_path, "hang_on=[1]", "hydra.sweeper.n_trials=3")
+    wait_until(lambda: running(tmp_path, 1))
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc)[0] != 0
+    study = load(tmp_path)
+    assert study.trials[1].state == TrialState.FAIL
+    assert study.trials[1].user_attrs[sw.FAIL_REASON].startswith("sweep interrupted")
+    assert study.trials[2].state == TrialState.WAITING
+    sweep(tmp_path, "hydra.sweeper.n_trials=3")
+    study = load(tmp_path)
+    assert study.trials[2].params == study.trials[1].params
+    assert [t.number for t in slots(study)] == [0, 2, 3]
+
+
+@pytest.mark.parametrize("backend", ["journal", "sqlite"])
+def test_two_workers_share_one_study_with_the_exact_total(tmp_path, backend):
+    url = f"sqlite:///{tmp_path / 'toy.db'}"
+    args = ["sleep_s=0.3", "hydra.sweeper.n_trials=8"]
+    if backend == "sqlite":
+        args.append(f"hydra.sweeper.storage={url}")  # after the journal default: it wins
+    workers = [start_sweep(tmp_path, *args, f"hydra.sweeper.sampler.seed={i}") for i in (1, 2)]
+    for code, out in [finish(worker) for worker in workers]:
+        assert code == 0, out[-4000:]
+    study = (
+        load(tmp_path) if backend == "journal" else optuna.load_study(study_name="toy", storage=url)
+    )
+    counted = slots(study)
+    assert len(counted) == 8 and all(t.state == TrialState.COMPLETE for t in counted)
+    extra = [t for t in study.trials if t not in counted]
+    assert all(t.system_attrs.get(sw.SURPLUS_ATTR) for t in extra)
+    assert len({t.user_attrs["job_pid"] for t in counted}) == 2  # both workers ran trials
+    for trial in counted:
+        record = json.loads((tmp_path / "sweep" / str(trial.number) / "trial.json").read_text())
+        assert record["number"] == trial.number
+
+
+def test_joblib_launcher_runs_jobs_in_other_processes(tmp_path):
+    events = tmp_path / "events.jsonl"
+    callback = f"hydra.sweeper.callbacks=[{{_target_: hooks.EventLog, path: '{events}'}}]"
+    sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=4",
+        callback,
+    )
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE"] * 4
+    sweeper_pid = json.loads(events.read_text().splitlines()[0])["pid"]
+    assert all(t.user_attrs["job_pid"] != sweeper_pid for t in study.trials)
+    assert all(sorted(t.intermediate_values) == [0, 1, 2] for t in study.trials)
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("[0-9]*")) == ["0", "1", "2", "3"]
+
+
+def test_in_memory_storage_with_a_process_launcher_is_refused(tmp_path):
+    proc = sweep(tmp_path, "hydra/launcher=joblib", "hydra.sweeper.storage=null", ok=False)
+    assert proc.returncode != 0
+    assert "is null (in memory), but JoblibLauncher runs jobs in other processes" in proc.stderr
+
+
+def test_custom_search_space_and_callbacks(tmp_path):
+    events = tmp_path / "events.jsonl"
+    sweep(
+        tmp_path,
+        "hydra.sweeper.custom_search_space=hooks.conditional_y",
+        "~hydra.sweeper.params.y",
+        "fail_on=[2]",
+        "hydra.sweeper.max_failure_rate=0.5",
+        "hydra.sweeper.n_trials=4",
+        f"hydra.sweeper.callbacks=[{{_target_: hooks.EventLog, path: '{events}'}}]",
+    )
+    study = load(tmp_path)
+    for trial in study.trials:
+        limit = 1.0 if trial.params["kind"] == "a" else 5.0
+        assert abs(trial.params["y"]) <= limit
+        assert trial.distributions["y"] == FloatDistribution(-limit, limit)
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["event"] for e in log] == ["on_sweep_start"] + ["on_trial_end"] * 4 + ["on_sweep_end"]
+    assert [(e["number"], e["state"]) for e in log[1:5]] == [
+        (0, "COMPLETE"),
+        (1, "COMPLETE"),
+        (2, "FAIL"),
+        (3, "COMPLETE"),
+    ]
