@@ -211,6 +211,15 @@ def build_sampler(
     return sampler(search_space=grid), min(n_trials, size)
 
 
+def continued_sampler_conf(sampler_conf: Any, n_existing: int) -> Any:
+    """The sampler config for a study that already holds ``n_existing`` trials."""
+    if sampler_conf is None or OmegaConf.select(sampler_conf, "seed") is None:
+        return sampler_conf  # unseeded: every run draws differently anyway
+    conf = OmegaConf.create(OmegaConf.to_container(sampler_conf))
+    conf.seed = int(conf.seed) + n_existing
+    return conf
+
+
 def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
     """Sample one param through the trial's public suggest API."""
     if isinstance(dist, CategoricalDistribution):
@@ -508,6 +517,14 @@ class StudySweep:
         pruner = instantiate(self.pruner_conf) if self.pruner_conf else optuna.pruners.NopPruner()
         storage = open_storage(self.storage_spec)
         study = self._open_study(storage, sampler, pruner)
+        existing = len(study.get_trials(deepcopy=False))
+        if existing:
+            # With the same seed, a re-run (or a second worker) would propose the first
+            # run's params again; shifting the seed by the trials already there keeps runs
+            # reproducible without repeating them.
+            conf = continued_sampler_conf(self.sampler_conf, existing)
+            sampler, n_trials = build_sampler(conf, space, self.n_trials)
+            study.sampler = sampler
         job = TrialJob(self.task_function, storage, study.study_name, sampler, pruner)
         launcher = Plugins.instance().instantiate_launcher(
             hydra_context=self.hydra_context, task_function=job, config=self.config

@@ -7,9 +7,12 @@ run is left RUNNING, and optimization_results.yaml names the best trial's params
 
 from __future__ import annotations
 
+import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -20,6 +23,7 @@ from mlflow import MlflowClient
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
+STUDY = "finqa_tiny_finqa_sample"
 
 SMALL = [
     "train.epochs=2",
@@ -93,3 +97,71 @@ def test_small_sweep_over_real_trials(tmp_path):
     results = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(study.best_value)
     assert results["best_params"]["lora.r"] == study.best_params["lora.r"]
+
+
+def files_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_kill_9_mid_sweep_then_the_same_command_finishes_the_study(tmp_path):
+    args = [
+        "train.epochs=3",
+        "train.batch_size=8",
+        "eval.max_new_tokens=16",
+        "eval.max_questions=8",
+        "hydra.sweeper.n_trials=3",
+        "hydra/sweeper/pruner=none",
+        "hydra.sweeper.heartbeat_interval=1",
+        "hydra.sweeper.grace_period=5",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FINQA_EXP_ROOT": str(tmp_path)}
+    cmd = [sys.executable, "-m", "finqa_exp", "-m", f"hydra.sweep.dir={tmp_path}/multirun", *args]
+    storage = f"sqlite:///{tmp_path}/studies/finqa_tiny_finqa_sample.db"
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    # Kill once trial 0 is done and trial 1 has been training for a moment.
+    deadline = time.time() + 600
+    killed_at = None
+    while time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+        try:
+            trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
+        except Exception:  # study not created yet
+            continue
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        if len(trials) == 2 and running and "mlflow_run_id" in running[0].user_attrs:
+            time.sleep(3)
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            killed_at = running[0].number
+            break
+    assert killed_at == 1, "the sweep finished before it could be killed"
+    before = files_digest(tmp_path / "multirun" / "0")
+
+    again = sweep(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
+    states = [t.state.name for t in trials]
+    print(f"trials after kill -9 and re-run: {states}")
+    assert states.count("RUNNING") == 0
+    assert states.count("COMPLETE") == 3  # exactly n_trials finished
+    killed = trials[killed_at]
+    assert killed.state.name == "FAIL" and killed.user_attrs["fail_reason"].startswith("stale")
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed_at]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert retries[0].state.name == "COMPLETE"
+    assert files_digest(tmp_path / "multirun" / "0") == before  # not overwritten
+    assert sorted(p.name for p in (tmp_path / "multirun").glob("[0-9]*")) == [
+        str(t.number) for t in trials
+    ]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("finqa").experiment_id])
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"

@@ -534,6 +534,9 @@ def test_rerun_resumes_to_the_total_and_keeps_job_folders(tmp_path):
     assert sorted(after) == ["0", "1", "2", "3", "4", "5"]
     assert {k: after[k] for k in first} == first  # the first run's folders are untouched
     assert json.loads(after["5"])["number"] == 5
+    # The same seeded command goes on where it stopped instead of proposing trial 0's params.
+    params = [t.params for t in study.trials]
+    assert params[4] not in params[:4] and params[5] not in params[:4]
 
 
 def test_enqueued_trial_runs_first_and_only_once(tmp_path):
