@@ -189,22 +189,29 @@ def redact(uri: str) -> str:
     return uri
 
 
-def environment_tags(root_dir: str | Path, device: str) -> dict[str, str]:
-    """Git commit, package versions and device, as run tags."""
+def _git(*args: str) -> str:
+    # The commit of the code that ran: the checkout holding this package, wherever the
+    # command was started.
+    return subprocess.run(
+        ["git", *args],
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout.strip()
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    """Git commit (and whether the checkout had local changes), package versions and device."""
     tags = {"device": device}
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=root_dir,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        commit = _git("rev-parse", "HEAD")
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
+        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
     except (OSError, subprocess.SubprocessError):
-        tags["git_commit"] = "unknown"
+        tags["git_commit"] = "unknown"  # installed from a wheel, or git missing
     for pkg in PACKAGES:
         try:
             tags[f"version.{pkg}"] = metadata.version(pkg)

@@ -108,7 +108,7 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
         torch.cuda.reset_peak_memory_stats(dev)
 
     tags = {
-        **tracking.environment_tags(conf.paths.root_dir, modeling.describe_device(dev)),
+        **tracking.environment_tags(modeling.describe_device(dev)),
         "model": conf.model.name,
         "data": conf.data.name,
         "experiment": conf.experiment or "default",

@@ -96,7 +96,8 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_tags(default_trial, tmp_p
     assert len(steps) == len(result.history.train) >= 3
     assert len(client.get_metric_history(result.run_id, "eval_loss")) >= 2
     tags = run.data.tags
-    assert tags["git_commit"] and tags["version.torch"] and tags["device"].startswith("cpu")
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("True", "False")
+    assert tags["version.torch"] and tags["device"].startswith("cpu")
     files = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "samples.json", "adapter"} <= files
     adapter_files = {a.path for a in client.list_artifacts(result.run_id, "adapter")}
@@ -151,6 +152,20 @@ def test_trial_on_a_question_answer_csv(make_cfg, tmp_path):
     again = execute(cfg)  # reads it from the cache: same seed, same result
     assert again.metrics["eval_loss"] == result.metrics["eval_loss"]
     assert again.objective == result.objective
+
+
+def test_trial_on_an_alpaca_jsonl(make_cfg, tmp_path):
+    rows = data_lib.read_table(data_lib.bundled_path())[80:170]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = execute(make_cfg("data=local", f"data.path={path}", "train.epochs=1"))
+    client = MlflowClient(validate(make_cfg()).tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.data.params["data.path"] == str(path) and run.info.status == "FINISHED"
+    with_context = [r for r in rows if r["input"]]
+    questions = {s["question"] for s in result.samples}
+    assert with_context and len(result.samples) == 9  # 10% of 90 pairs
+    assert questions <= {f"{r['instruction']}\n{r['input']}".strip() for r in rows}
 
 
 def test_hub_preset_runs_the_hub_code_path(make_cfg, monkeypatch, cache_dir):
