@@ -635,17 +635,35 @@ def test_interrupted_sweep_fails_and_requeues_its_trial(tmp_path):
     assert [t.number for t in slots(study)] == [0, 2, 3]
 
 
-@pytest.mark.parametrize("backend", ["journal", "sqlite"])
+# A PostgreSQL server to test against, e.g. postgresql://user:pw@127.0.0.1/optuna; each run
+# uses its own study name, so the database may be shared.
+POSTGRES_URL = os.environ.get("FINQA_TEST_POSTGRES_URL")
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "journal",
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=pytest.mark.skipif(not POSTGRES_URL, reason="FINQA_TEST_POSTGRES_URL not set"),
+        ),
+    ],
+)
 def test_two_workers_share_one_study_with_the_exact_total(tmp_path, backend):
-    url = f"sqlite:///{tmp_path / 'toy.db'}"
-    args = ["sleep_s=0.3", "hydra.sweeper.n_trials=8"]
-    if backend == "sqlite":
+    url = f"sqlite:///{tmp_path / 'toy.db'}" if backend == "sqlite" else POSTGRES_URL
+    study_name = "toy" if backend != "postgresql" else f"toy_{tmp_path.name}_{os.getpid()}"
+    args = ["sleep_s=0.3", "hydra.sweeper.n_trials=8", f"hydra.sweeper.study_name={study_name}"]
+    if backend != "journal":
         args.append(f"hydra.sweeper.storage={url}")  # after the journal default: it wins
     workers = [start_sweep(tmp_path, *args, f"hydra.sweeper.sampler.seed={i}") for i in (1, 2)]
     for code, out in [finish(worker) for worker in workers]:
         assert code == 0, out[-4000:]
     study = (
-        load(tmp_path) if backend == "journal" else optuna.load_study(study_name="toy", storage=url)
+        load(tmp_path)
+        if backend == "journal"
+        else optuna.load_study(study_name=study_name, storage=url)
     )
     counted = slots(study)
     assert len(counted) == 8 and all(t.state == TrialState.COMPLETE for t in counted)
