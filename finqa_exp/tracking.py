@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ class MlflowTracker:
     def log_params(self, params):
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        items = [Param(k, _param_value(redact(str(v)))) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
@@ -139,13 +140,13 @@ class MlflowTracker:
 
     def set_tags(self, tags):
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self.client.set_tag(self.run_id, key, redact(str(value)))
 
     def log_dict(self, data, artifact_file):
         self.client.log_dict(self.run_id, data, artifact_file)
 
     def log_text(self, text, artifact_file):
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact(text), artifact_file)
 
     def log_table(self, rows, artifact_file):
         import pandas as pd
@@ -178,15 +179,13 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
-def redact(uri: str) -> str:
-    """``uri`` without a password (``postgresql://user:***@host/db``)."""
-    from urllib.parse import urlsplit, urlunsplit
+# user:password@ in any URL (postgresql://, http://, mysql+pymysql://, ...).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^\s:/@]+:)[^\s@/]+@")
 
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
+
+def redact(text: str) -> str:
+    """``text`` with every URL password masked: ``postgresql://user:***@host/db``."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def _git(*args: str) -> str:
