@@ -23,6 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from finqa_exp import report, tracking
 from finqa_exp.config import PathsConfig, TrackingConfig, flatten
+from finqa_exp.report_data import LABELS, STATES, TrialRow
+from finqa_exp.report_numbers import busy_seconds, planned_steps
 from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -504,19 +506,19 @@ def test_study_shorthand_on_the_command_line():
 
 
 def test_planned_steps_and_busy_time():
-    def row(params: dict, reported: tuple, metrics: dict | None = None) -> report.TrialRow:
+    def row(params: dict, reported: tuple, metrics: dict | None = None) -> TrialRow:
         run = tracking.RunRecord("r", "KILLED", params, metrics or {}, {})
-        return report.TrialRow(0, "PRUNED", None, {}, run, 0.0, 1.0, reported)
+        return TrialRow(0, "PRUNED", None, {}, run, 0.0, 1.0, reported)
 
     base = {"train.batch_size": "4", "train.gradient_accumulation_steps": "2"}
     epochs = {**base, "train.max_steps": "-1", "train.eval_strategy": "epoch"}
-    assert report.planned_steps(row({**base, "train.max_steps": "40"}, (5,)), []) == 40
-    assert report.planned_steps(row({**epochs, "train.epochs": "2.5"}, (12, 24)), []) == 30
+    assert planned_steps(row({**base, "train.max_steps": "40"}, (5,)), []) == 40
+    assert planned_steps(row({**epochs, "train.epochs": "2.5"}, (12, 24)), []) == 30
     steps = {**base, "train.max_steps": "-1", "train.eval_strategy": "steps", "train.epochs": "3"}
     done = row(steps, (), {"train_steps": 99.0})
-    assert report.planned_steps(row(steps, (10,)), [done]) == 99  # same batch and epochs
-    assert report.planned_steps(row({**steps, "train.batch_size": "8"}, (10,)), [done]) is None
-    assert report.busy_seconds([(0, 10), (5, 12), (20, 21)]) == 13
+    assert planned_steps(row(steps, (10,)), [done]) == 99  # same batch and epochs
+    assert planned_steps(row({**steps, "train.batch_size": "8"}, (10,)), [done]) is None
+    assert busy_seconds([(0, 10), (5, 12), (20, 21)]) == 13
 
 
 # ----------------------------------------------------------------------------- real sweep
@@ -568,9 +570,7 @@ def test_real_sweep_report_champion_and_ask(tmp_path, cache_dir):
     md = (tmp_path / "reports" / name / "report.md").read_text()
     states = [t.state.name for t in study.trials]
     assert states[:2] == ["COMPLETE", "PRUNED"]
-    counts = ", ".join(
-        f"{states.count(s)} {report.LABELS[s]}" for s in report.STATES if s in states
-    )
+    counts = ", ".join(f"{states.count(s)} {LABELS[s]}" for s in STATES if s in states)
     assert f"- Trials: {counts}" in md
     pruned = states.count("PRUNED")  # each ran 5 of its 10 steps
     assert f"Pruning saved {5 * pruned} optimizer steps: it stopped {pruned} trial" in md

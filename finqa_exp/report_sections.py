@@ -1,0 +1,325 @@
+"""What a sweep report says, section by section, as document blocks.
+
+Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report.py): document() turns
+the studies (finqa_exp/report_data.py) and the file names of their plots into the blocks
+that finqa_exp/report_render.py writes as Markdown and HTML. For each study: summary,
+winners, base vs best, what each hyperparameter did, loss curves and example answers; a
+side-by-side table first when there are several. The numbers come from report_data and
+report_numbers; here they only get words and a layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from finqa_exp.report_data import FINISHED, LABELS, STATES, StudyData, TrialRow, state_counts
+from finqa_exp.report_numbers import (
+    Savings,
+    compute_spent,
+    effects,
+    improvement_pct,
+    pruning_savings,
+    wall_time,
+)
+from finqa_exp.report_render import (
+    NONE,
+    Block,
+    Bullets,
+    Code,
+    Heading,
+    Image,
+    Para,
+    Strong,
+    Table,
+    Text,
+    fmt_duration,
+    fmt_num,
+    fmt_pct,
+    fmt_value,
+)
+
+MAX_FAILURES = 10  # failed trials listed with their reasons
+ROUGE = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def reason_text(trial: TrialRow) -> str:
+    reason = (trial.fail_reason or "no reason recorded").splitlines()[0]
+    return f"trial {trial.number}: {reason[:300]}"
+
+
+def override_line(params: Mapping[str, Any]) -> str:
+    from finqa_exp.search_space import format_value
+
+    return " ".join(f"{k}={format_value(v)}" for k, v in sorted(params.items()))
+
+
+def report_title(names: Sequence[str]) -> str:
+    return "Sweep report: " + " vs ".join(names)
+
+
+def partial_note(data: StudyData) -> Para | None:
+    if not data.unfinished:
+        return None
+    return Para(
+        (
+            Strong(f"partial: {plural(data.unfinished, 'trial')} running/waiting"),
+            f" in study {data.name}; the numbers below cover its {data.finished} finished trials.",
+        )
+    )
+
+
+def savings_text(s: Savings) -> Text:
+    if s.pruned == 0:
+        return "Pruning saved nothing: no trial was pruned."
+    if s.known == 0:
+        return (
+            f"Pruning stopped {plural(s.pruned, 'trial')}; their full length is not in the stores."
+        )
+    share = s.steps_skipped / s.steps_unpruned * 100 if s.steps_unpruned else 0.0
+    text = (
+        f"Pruning saved {plural(s.steps_skipped, 'optimizer step')}: it stopped "
+        f"{plural(s.known, 'trial')} after {s.steps_run} of the {s.steps_planned} steps they "
+        "would have run in full, which is "
+        f"{share:.0f}% of the {s.steps_unpruned} steps all finished trials would have run "
+        "unpruned (a pruned trial's full length: train.max_steps, or its first eval step "
+        "(one epoch) times train.epochs)."
+    )
+    if s.seconds_saved is not None:
+        text += (
+            f" At the complete trials' mean {s.seconds_per_example * 1000:.2f} ms of training "
+            f"per example, the {s.examples_skipped} examples skipped are about "
+            f"{fmt_duration(s.seconds_saved)} of training time."
+        )
+    if s.known < s.pruned:
+        text += f" ({plural(s.pruned - s.known, 'pruned trial')} of unknown length left out.)"
+    return text
+
+
+def summary_blocks(data: StudyData, plots: Mapping[str, str], level: int) -> list[Block]:
+    counts = state_counts(data.trials)
+    busy, span = wall_time(data.trials)
+    direction = "maximized" if data.maximize else "minimized"
+    blocks: list[Block] = [
+        Heading(level, "Summary"),
+        Bullets(
+            (
+                ("Objective: ", Code(data.metric), f" ({direction})"),
+                "Trials: " + ", ".join(f"{n} {LABELS[s]}" for s, n in counts.items() if n),
+                (
+                    f"Wall time: {fmt_duration(busy)} with at least one trial "
+                    f"running (first start to last end: {fmt_duration(span)})"
+                ),
+                ("Stores: ", Code(data.storage), " (Optuna) and MLflow runs by trial"),
+            )
+        ),
+        Para("Compute spent, by how the trials ended (sums over the trials):"),
+    ]
+    rows = []
+    for key, spent in compute_spent(data.trials).items():
+        label = Strong("total") if key == "total" else LABELS[key]
+        sums = (spent.wall_s, spent.trial_time_s, spent.train_time_s)
+        rows.append((label, str(spent.trials), *(fmt_duration(v) for v in sums)))
+    blocks.append(
+        Table(
+            ("ended", "trials", "trial wall time (Optuna)", "trial_time_s", "train_time_s"),
+            tuple(rows),
+            (False, True, True, True, True),
+        )
+    )
+    blocks.append(Para(savings_text(pruning_savings(data.trials))))
+    failed = [t for t in data.trials if t.state == "FAIL"]
+    if failed:
+        blocks.append(Para("Failed trials:"))
+        shown = [reason_text(t) for t in failed[:MAX_FAILURES]]
+        if len(failed) > MAX_FAILURES:
+            shown.append(f"and {len(failed) - MAX_FAILURES} more")
+        blocks.append(Bullets(tuple(shown)))
+    if "history" in plots:
+        blocks.append(Image(plots["history"], f"optimization history of {data.name}"))
+    return blocks
+
+
+def winners_blocks(data: StudyData, top_k: int, level: int) -> list[Block]:
+    names = list(data.distributions)
+    # The objective is one of the shown metrics unless the study optimized something else.
+    shown = {**dict(ROUGE), "eval_loss": "eval loss"}
+    extra = () if data.metric in shown else (f"{data.metric} (objective)",)
+    labels = [f"{v} (objective)" if k == data.metric else v for k, v in shown.items()]
+    header = ("rank", "trial", *names, *extra, *labels, "train time", "MLflow run")
+    rows = []
+    for rank, t in enumerate(data.ranked[:top_k], start=1):
+        rows.append(
+            (
+                str(rank),
+                str(t.number),
+                *(fmt_value(t.params.get(n, NONE)) for n in names),
+                *((fmt_num(t.value),) if extra else ()),
+                *(fmt_num(t.metric(key)) for key in shown),
+                fmt_duration(t.metric("train_time_s")),
+                Code(t.run.run_id) if t.run else NONE,
+            )
+        )
+    best = data.best
+    blocks: list[Block] = [
+        Heading(level, f"Winners (top {min(top_k, len(data.ranked))} of {len(data.ranked)})"),
+        Table(tuple(header), tuple(rows), (True, True, *[True] * (len(header) - 3), False)),
+        Para(("Best trial ", Strong(str(best.number)), "; to train it again:")),
+        Para(Code(f"python -m finqa_exp {override_line(best.params)}")),
+    ]
+    if data.champion is not None:
+        c = data.champion
+        whose = (
+            "this study's best trial" if best.run and c.run_id == best.run.run_id else "another run"
+        )
+        blocks.append(
+            Para(
+                (
+                    "Registered: model ",
+                    Code(c.model_name),
+                    f" version {c.version}, alias ",
+                    Code(c.alias),
+                    f" ({whose}, run ",
+                    Code(c.run_id),
+                    "); ask it with ",
+                    Code(f'python -m finqa_exp.ask --model {c.model_name} "..."'),
+                )
+            )
+        )
+    return blocks
+
+
+def base_vs_best_blocks(data: StudyData, level: int) -> list[Block]:
+    best = data.best
+    rows = []
+    for key, label in ROUGE:
+        base, tuned = best.metric(f"base_{key}"), best.metric(key)
+        rows.append((label, fmt_num(base), fmt_num(tuned), fmt_pct(improvement_pct(base, tuned))))
+    return [
+        Heading(level, f"Base vs best (trial {best.number})"),
+        Table(("metric", "base", "tuned", "improvement"), tuple(rows), (False, True, True, True)),
+    ]
+
+
+def params_blocks(data: StudyData, plots: Mapping[str, str], level: int) -> list[Block]:
+    blocks: list[Block] = [Heading(level, "What each hyperparameter did")]
+    if data.importances:
+        ranked = sorted(data.importances.items(), key=lambda kv: (-kv[1], kv[0]))
+        text = ", ".join(f"{k} {v:.2f}" for k, v in ranked)
+        blocks.append(Para(f"Importance ({data.importance_note}; sums to 1): {text}."))
+    else:
+        blocks.append(Para(f"Importance: {data.importance_note}."))
+    if "importance" in plots:
+        blocks.append(Image(plots["importance"], "hyperparameter importance"))
+    for name in data.distributions:
+        rows = tuple(
+            (
+                e.label,
+                *(str(e.counts[s]) for s in FINISHED),
+                fmt_num(e.best),
+                fmt_num(e.mean),
+            )
+            for e in effects(data, name)
+        )
+        blocks.append(Heading(level + 1, (Code(name),)))
+        header = ("value", "complete", "pruned", "failed", f"best {data.metric}", "mean")
+        blocks.append(Table(header, rows, (False, True, True, True, True, True)))
+    for key, alt in (
+        ("objective", "objective against each param"),
+        ("parallel", "parallel coordinates"),
+    ):
+        if key in plots:
+            blocks.append(Image(plots[key], alt))
+    return blocks
+
+
+def curves_blocks(data: StudyData, plots: Mapping[str, str], level: int) -> list[Block]:
+    if "curves" not in plots:
+        return []
+    return [
+        Heading(level, f"Loss curves of the top {len(data.curves)} trials"),
+        Image(plots["curves"], "train and eval loss of the top trials"),
+    ]
+
+
+def examples_blocks(data: StudyData, level: int) -> list[Block]:
+    if not data.samples:
+        return []
+    blocks: list[Block] = [
+        Heading(level, f"Example answers (best trial {data.best.number}, test questions)")
+    ]
+    for i, row in enumerate(data.samples, start=1):
+        blocks.append(Para((Strong(f"Q{i}."), " " + str(row.get("question", "")))))
+        blocks.append(
+            Table(
+                ("", "answer"),
+                (
+                    ("reference", str(row.get("reference", ""))),
+                    ("base", str(row.get("base_answer", ""))),
+                    ("tuned", str(row.get("tuned_answer", ""))),
+                ),
+            )
+        )
+    return blocks
+
+
+def study_blocks(data: StudyData, plots: Mapping[str, str], top_k: int, level: int) -> list[Block]:
+    blocks: list[Block] = []
+    note = partial_note(data)
+    if note is not None:
+        blocks.append(note)
+    blocks += summary_blocks(data, plots, level)
+    blocks += winners_blocks(data, top_k, level)
+    blocks += base_vs_best_blocks(data, level)
+    blocks += params_blocks(data, plots, level)
+    blocks += curves_blocks(data, plots, level)
+    blocks += examples_blocks(data, level)
+    return blocks
+
+
+def comparison_blocks(studies: Sequence[StudyData], plots: Mapping[str, str]) -> list[Block]:
+    rows = []
+    for d in studies:
+        b = d.best
+        counts = state_counts(d.trials)
+        rows.append(
+            (
+                Code(d.name),
+                "/".join(str(counts[s]) for s in STATES),
+                f"{d.metric} {'max' if d.maximize else 'min'}",
+                fmt_num(b.value),
+                Code(override_line(b.params)),
+                fmt_num(b.metric("base_rougeL")),
+                fmt_num(b.metric("rougeL")),
+                fmt_duration(compute_spent(d.trials)["total"].wall_s),
+            )
+        )
+    header = ("study", "trials c/p/f/r/w", "objective", "best", "best params")
+    header += ("base ROUGE-L", "best ROUGE-L", "compute")
+    blocks: list[Block] = [
+        Heading(2, "Side by side"),
+        Table(header, tuple(rows), (False, False, False, True, False, True, True, True)),
+    ]
+    if "compare" in plots:
+        blocks.append(Image(plots["compare"], "best objective so far per study"))
+    return blocks
+
+
+def document(
+    studies: Sequence[StudyData], plots: Mapping[str, Mapping[str, str]], top_k: int
+) -> list[Block]:
+    """The whole report. ``plots`` maps each study's name (and "" for the comparison) to
+    its plots, kind -> file name; ``top_k`` trials are listed as winners."""
+    blocks: list[Block] = [Heading(1, report_title([d.name for d in studies]))]
+    blocks += [n for d in studies if (n := partial_note(d)) is not None] if len(studies) > 1 else []
+    if len(studies) == 1:
+        return blocks + study_blocks(studies[0], plots[studies[0].name], top_k, 2)
+    blocks += comparison_blocks(studies, plots.get("", {}))
+    for d in studies:
+        blocks.append(Heading(2, ("Study ", Code(d.name))))
+        blocks += study_blocks(d, plots[d.name], top_k, 3)
+    return blocks
