@@ -10,70 +10,76 @@ Each round asks Optuna for up to `n_jobs` trials, turns their params into overri
 Optuna how each ended. Inside a job, `current_trial()` gives the objective its own trial to
 report intermediate values to and to ask whether to prune.
 
-Bookkeeping that makes `n_trials` the study's total across re-runs and workers:
-- every trial fills one slot; a retry fills the slot of the trial it retries (Optuna's
-  `failed_trial` / `retry_history` system attrs), and a trial another worker asked for after
-  the last slot was taken is marked surplus and fills none;
-- a worker's running trials carry a heartbeat (a system attr refreshed every
-  `heartbeat_interval` s); a RUNNING trial whose heartbeat is older than `grace_period` belongs
-  to a killed sweep: it is failed and re-enqueued with the same params, `max_retry` times.
+Each worker's running trials carry a heartbeat (a system attr refreshed every
+`heartbeat_interval` s), so that another sweep can fail and retry the trials of a killed one.
+Which trials fill the study's `n_trials` slots across re-runs and workers, and how trials are
+failed, retried and told: finqa_exp/study_book.py. Storage and sampler construction:
+finqa_exp/study_setup.py.
 """
 
 from __future__ import annotations
 
 import contextvars
 import gc
-import itertools
 import logging
-import math
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import BaseStorage, InMemoryStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
-from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import SQLAlchemyError
+from optuna.storages import BaseStorage, InMemoryStorage
+from optuna.trial import TrialState
 
-from finqa_exp.search_space import SearchSpace, grid_size, grid_values, parse_search_space
+from finqa_exp.search_space import SearchSpace, parse_search_space
 from finqa_exp.search_space import trial_overrides as params_to_overrides
+from finqa_exp.study_book import (
+    HEARTBEAT_ATTR,
+    SURPLUS_ATTR,
+    Outcome,
+    contiguous_runs,
+    describe,
+    enqueue_retry,
+    fail_trial,
+    job_outcome,
+    last_beat,
+    running_in_total,
+    set_trial_attr,
+    stale_trials,
+    study_results,
+    tell,
+    trial_id,
+    trials_to_ask,
+    within_total,
+)
+from finqa_exp.study_setup import (
+    SweepError,
+    build_sampler,
+    continued_sampler_conf,
+    open_storage,
+    study_directions,
+    suggest,
+)
 
 log = logging.getLogger(__name__)
 
 TRIAL_ENV = "FINQA_OPTUNA_TRIAL"  # set in each job's environment (hydra.job.env_set)
-FAIL_REASON = "fail_reason"  # user attr of a FAIL trial
-HEARTBEAT_ATTR = "finqa_optuna:heartbeat"
-SURPLUS_ATTR = "finqa_optuna:surplus"
-_MAX_REASON = 1000
 _PEER_POLL_S = 1.0  # how often a worker with nothing left to ask checks its peers' trials
 _BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 _current_trial: contextvars.ContextVar[optuna.Trial | None] = contextvars.ContextVar(
     "finqa_optuna_trial", default=None
 )
-
-
-class SweepError(RuntimeError):
-    """The sweep cannot go on: bad sweeper settings or too many failed trials."""
 
 
 def current_trial() -> optuna.Trial | None:
@@ -123,280 +129,7 @@ class TrialJob:
 
 
 def _bind_trial(study: optuna.Study, number: int) -> optuna.Trial:
-    return optuna.Trial(study, _trial_id(study, number))
-
-
-def _trial_id(study: optuna.Study, number: int) -> int:
-    # Reopening or annotating a trial by number (from another process, or a trial this
-    # process did not ask for) needs the storage's id: Optuna has no public API for it.
-    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-
-
-def _set_attr(study: optuna.Study, number: int, key: str, value: Any, system: bool) -> None:
-    storage = study._storage
-    setter = storage.set_trial_system_attr if system else storage.set_trial_user_attr
-    setter(_trial_id(study, number), key, value)
-
-
-# ---------------------------------------------------------------- settings -> Optuna objects
-
-
-def open_storage(spec: Any) -> BaseStorage:
-    """None -> in memory; journal:///abs/file.log -> journal file; a URL -> RDB; _target_ -> it.
-
-    journal:// paths and sqlite files get their parent folder created.
-    """
-    if spec is None:
-        return InMemoryStorage()
-    if isinstance(spec, BaseStorage):
-        return spec
-    if OmegaConf.is_dict(spec) or isinstance(spec, dict):
-        storage = instantiate(spec)
-        if not isinstance(storage, BaseStorage):
-            raise SweepError(f"hydra.sweeper.storage built {type(storage).__name__}, not a storage")
-        return storage
-    # Files are made absolute: a job that changes directory (hydra.job.chdir) must still
-    # reach the same study.
-    url = str(spec)
-    if url.startswith("journal://"):
-        path = Path(url.removeprefix("journal://")).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        path = Path(url.removeprefix("sqlite:///")).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{path}"
-        # Several sweep processes write one file: wait for its lock instead of failing.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    return _rdb_storage(url, engine_kwargs)
-
-
-def _rdb_storage(url: str, engine_kwargs: dict[str, Any], tries: int = 3) -> RDBStorage:
-    # Workers started together on a new database race to create its tables (the loser gets
-    # an IntegrityError from alembic's version row); on a later try the tables are there.
-    for attempt in range(1, tries):
-        try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs)
-        except SQLAlchemyError:
-            log.info("Storage %s not ready (another worker creating it?), retrying", url)
-            time.sleep(attempt)
-    return RDBStorage(url, engine_kwargs=engine_kwargs)
-
-
-def study_directions(direction: Any) -> list[str]:
-    """`direction` as Optuna's list of "minimize"/"maximize" (Enum names accepted)."""
-    many = OmegaConf.is_list(direction) or isinstance(direction, (list, tuple))
-    items = list(direction) if many else [direction]
-    names = [str(getattr(item, "name", item)).lower() for item in items]
-    bad = [name for name in names if name not in ("minimize", "maximize")]
-    if not names or bad:
-        raise SweepError(f"hydra.sweeper.direction must be minimize/maximize or a list; got {bad}")
-    return names
-
-
-def build_sampler(
-    sampler_conf: Any, space: SearchSpace, n_trials: int
-) -> tuple[optuna.samplers.BaseSampler, int]:
-    """Instantiate the sampler; the grid sampler gets its grid and caps n_trials at its size."""
-    sampler = instantiate(sampler_conf)
-    if not callable(sampler) or isinstance(sampler, optuna.samplers.BaseSampler):
-        return sampler, n_trials
-    grid = {name: grid_values(name, dist) for name, dist in space.distributions.items()}
-    if not grid:
-        raise SweepError("the grid sampler needs params to sweep (hydra.sweeper.params)")
-    size = grid_size(grid)
-    if size < n_trials:
-        log.info("The grid has %d points: n_trials %d -> %d", size, n_trials, size)
-    return sampler(search_space=grid), min(n_trials, size)
-
-
-def continued_sampler_conf(sampler_conf: Any, n_existing: int) -> Any:
-    """The sampler config for a study that already holds ``n_existing`` trials."""
-    if sampler_conf is None or OmegaConf.select(sampler_conf, "seed") is None:
-        return sampler_conf  # unseeded: every run draws differently anyway
-    conf = OmegaConf.create(OmegaConf.to_container(sampler_conf))
-    conf.seed = int(conf.seed) + n_existing
-    return conf
-
-
-def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
-    """Sample one param through the trial's public suggest API."""
-    if isinstance(dist, CategoricalDistribution):
-        return trial.suggest_categorical(name, dist.choices)
-    if isinstance(dist, IntDistribution):
-        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
-    if isinstance(dist, FloatDistribution):
-        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
-    raise TypeError(f"{name}: unsupported distribution {dist}")
-
-
-# ---------------------------------------------------------------- study bookkeeping (pure)
-
-
-def _root(trial: FrozenTrial) -> int:
-    return trial.system_attrs.get("failed_trial", trial.number)
-
-
-def replaced_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    """Numbers of trials that a retry replaced (each retry names its predecessor last)."""
-    return {
-        t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")
-    }
-
-
-def slot_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials that fill the study's slots, in slot order.
-
-    One per retry chain (its latest trial, ordered by the chain's first number, so a retry
-    keeps its original's place); surplus trials fill none. The first n_trials are the study.
-    """
-    replaced = replaced_numbers(trials)
-    kept = [t for t in trials if t.number not in replaced and not t.system_attrs.get(SURPLUS_ATTR)]
-    return sorted(kept, key=lambda t: (_root(t), t.number))
-
-
-def trials_to_ask(trials: Sequence[FrozenTrial], n_trials: int) -> int:
-    """How many more trials to ask for: waiting ones within the total, plus free slots."""
-    slots = slot_trials(trials)
-    waiting = sum(t.state == TrialState.WAITING for t in slots[:n_trials])
-    return waiting + max(0, n_trials - len(slots))
-
-
-def within_total(trials: Sequence[FrozenTrial], number: int, n_trials: int) -> bool:
-    """Whether trial `number` got one of the first n_trials slots."""
-    slots = [t.number for t in slot_trials(trials)]
-    return number in slots[:n_trials]
-
-
-def running_in_total(trials: Sequence[FrozenTrial], n_trials: int) -> list[FrozenTrial]:
-    """RUNNING trials within the total (another worker's, or a killed one not yet stale)."""
-    return [t for t in slot_trials(trials)[:n_trials] if t.state == TrialState.RUNNING]
-
-
-def last_beat(trial: FrozenTrial) -> float:
-    """Unix time the trial was last known alive."""
-    beat = trial.system_attrs.get(HEARTBEAT_ATTR)
-    if beat is not None:
-        return float(beat)
-    return trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-
-
-def stale_trials(trials: Sequence[FrozenTrial], now: float, grace: float) -> list[FrozenTrial]:
-    """RUNNING trials whose worker has not beaten their heartbeat for `grace` seconds."""
-    return [t for t in trials if t.state == TrialState.RUNNING and now - last_beat(t) > grace]
-
-
-def contiguous_runs(numbers: Sequence[int]) -> list[list[int]]:
-    """Split ascending trial numbers into runs of consecutive ones ([3, 4, 7] -> [[3, 4], [7]])."""
-    runs = []
-    for _, group in itertools.groupby(enumerate(numbers), key=lambda pair: pair[1] - pair[0]):
-        runs.append([number for _, number in group])
-    return runs
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a trial ended, as Optuna should be told."""
-
-    state: TrialState
-    values: list[float] | None = None
-    reason: str | None = None
-    error: BaseException | None = field(default=None, compare=False)  # for the log's traceback
-
-
-def describe(error: BaseException) -> str:
-    """The text of a trial's fail_reason: the exception type and message."""
-    return f"{type(error).__name__}: {error}"[:_MAX_REASON]
-
-
-def objective_outcome(value: Any, n_objectives: int) -> Outcome:
-    """COMPLETE with the values if the objective returned finite floats, else FAIL with why."""
-    expected = "a float" if n_objectives == 1 else f"a sequence of {n_objectives} floats"
-    try:
-        values = [float(value)] if n_objectives == 1 else [float(v) for v in value]
-    except (TypeError, ValueError):
-        return Outcome(TrialState.FAIL, reason=f"the objective returned {value!r}, not {expected}")
-    if len(values) != n_objectives:
-        return Outcome(TrialState.FAIL, reason=f"the objective returned {values}, not {expected}")
-    if not all(math.isfinite(v) for v in values):
-        return Outcome(TrialState.FAIL, reason=f"the objective returned {values}: not finite")
-    return Outcome(TrialState.COMPLETE, values)
-
-
-def job_outcome(ret: JobReturn, n_objectives: int) -> Outcome:
-    """Read a Hydra JobReturn: a value, optuna.TrialPruned, or any other exception."""
-    if ret.status == JobStatus.COMPLETED:
-        return objective_outcome(ret.return_value, n_objectives)
-    # JobReturn.return_value re-raises a job's exception; the exception itself is stored here.
-    error = ret._return_value
-    if isinstance(error, optuna.TrialPruned):
-        return Outcome(TrialState.PRUNED)
-    if isinstance(error, BaseException):
-        return Outcome(TrialState.FAIL, reason=describe(error), error=error)
-    return Outcome(TrialState.FAIL, reason=f"the job ended with status {ret.status.name}")
-
-
-def study_results(study: optuna.Study) -> dict[str, Any]:
-    """optimization_results.yaml, as hydra-optuna-sweeper writes it (plus study_name)."""
-    results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name}
-    if len(study.directions) > 1:
-        results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
-        return results
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = study.best_trial if done else None
-    results["best_params"] = best.params if best else None
-    results["best_value"] = best.value if best else None
-    return results
-
-
-# ---------------------------------------------------------------- study writes
-
-
-def enqueue_retry(study: optuna.Study, failed: FrozenTrial, max_retry: int) -> bool:
-    """Queue `failed` again with the same params, unless its chain used up max_retry.
-
-    Uses the system attrs of optuna.storages.RetryFailedTrialCallback, so its
-    `retried_trial_number` / `retry_history` read our retries too.
-    """
-    history = [*failed.system_attrs.get("retry_history", []), failed.number]
-    if len(history) > max_retry:
-        return False
-    system_attrs = {
-        k: v for k, v in failed.system_attrs.items() if not k.startswith("finqa_optuna")
-    }
-    system_attrs.update(failed_trial=history[0], retry_history=history)
-    user_attrs = {k: v for k, v in failed.user_attrs.items() if k != FAIL_REASON}
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.WAITING,
-            params=failed.params,
-            distributions=failed.distributions,
-            user_attrs=user_attrs,
-            system_attrs=system_attrs,
-        )
-    )
-    return True
-
-
-def fail_trial(study: optuna.Study, number: int, reason: str) -> FrozenTrial | None:
-    """Record trial `number` as FAIL with its reason; None if another worker finished it."""
-    try:
-        _set_attr(study, number, FAIL_REASON, reason[:_MAX_REASON], system=False)
-        return tell(study, number, Outcome(TrialState.FAIL, reason=reason))
-    except (UpdateFinishedTrialError, ValueError):
-        return None
-
-
-def tell(study: optuna.Study, number: int, outcome: Outcome) -> FrozenTrial:
-    """study.tell, tolerating the grid sampler's study.stop() outside optimize()."""
-    try:
-        study.tell(number, values=outcome.values, state=outcome.state)
-    except RuntimeError as err:
-        # The state is stored before the grid sampler's after_trial raises this.
-        if "Study.stop" not in str(err) or isinstance(err, UpdateFinishedTrialError):
-            raise
-    return study.get_trials(deepcopy=False)[number]
+    return optuna.Trial(study, trial_id(study, number))
 
 
 class Heartbeat:
@@ -438,7 +171,7 @@ class Heartbeat:
 
     def _beat(self, number: int) -> None:
         try:
-            _set_attr(self._study, number, HEARTBEAT_ATTR, time.time(), system=True)
+            set_trial_attr(self._study, number, HEARTBEAT_ATTR, time.time(), system=True)
         except UpdateFinishedTrialError:
             self.discard(number)  # told meanwhile, or failed as stale by another worker
         except Exception:
@@ -687,7 +420,7 @@ class SweepRun:
         return batch
 
     def _drop_surplus(self, number: int) -> None:
-        _set_attr(self.study, number, SURPLUS_ATTR, True, system=True)
+        set_trial_attr(self.study, number, SURPLUS_ATTR, True, system=True)
         fail_trial(self.study, number, "surplus: the study already had n_trials trials")
 
     def _configure(self, trial: optuna.Trial) -> list[str]:

@@ -33,6 +33,8 @@ from optuna.trial import TrialState, create_trial
 
 import hydra_plugins.finqa_optuna_sweeper.finqa_optuna_sweeper  # noqa: F401  (registers configs)
 from finqa_exp import search_space as ss
+from finqa_exp import study_book as book
+from finqa_exp import study_setup
 from finqa_exp import sweeper as sw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +157,7 @@ def states(study: optuna.Study) -> list[str]:
 
 
 def slots(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return sw.slot_trials(study.get_trials(deepcopy=False))
+    return book.slot_trials(study.get_trials(deepcopy=False))
 
 
 def frozen(number: int, state: TrialState = TrialState.COMPLETE, **attrs: Any):
@@ -246,41 +248,41 @@ def test_slots_count_a_retry_in_its_originals_place_and_skip_surplus():
         frozen(0),
         frozen(1, TrialState.FAIL),  # killed, then retried as 4
         frozen(2, TrialState.PRUNED),
-        frozen(3, TrialState.FAIL, **{sw.SURPLUS_ATTR: True}),
+        frozen(3, TrialState.FAIL, **{book.SURPLUS_ATTR: True}),
         frozen(4, TrialState.WAITING, failed_trial=1, retry_history=[1]),
     ]
-    assert [t.number for t in sw.slot_trials(trials)] == [0, 4, 2]
-    assert sw.trials_to_ask(trials, 3) == 1  # only the waiting retry
-    assert sw.trials_to_ask(trials, 5) == 3  # the retry and two fresh trials
-    assert sw.trials_to_ask(trials, 2) == 1  # the retry keeps slot 1 of 2
-    assert sw.within_total(trials, 4, 2)
-    assert not sw.within_total(trials, 2, 2)
-    assert sw.running_in_total(trials, 3) == []
+    assert [t.number for t in book.slot_trials(trials)] == [0, 4, 2]
+    assert book.trials_to_ask(trials, 3) == 1  # only the waiting retry
+    assert book.trials_to_ask(trials, 5) == 3  # the retry and two fresh trials
+    assert book.trials_to_ask(trials, 2) == 1  # the retry keeps slot 1 of 2
+    assert book.within_total(trials, 4, 2)
+    assert not book.within_total(trials, 2, 2)
+    assert book.running_in_total(trials, 3) == []
 
 
 def test_stale_trials_go_by_heartbeat_and_runs_are_contiguous():
     now = time.time()
-    old = frozen(0, TrialState.RUNNING, **{sw.HEARTBEAT_ATTR: now - 100})
-    fresh = frozen(1, TrialState.RUNNING, **{sw.HEARTBEAT_ATTR: now - 1})
-    done = frozen(2, TrialState.COMPLETE, **{sw.HEARTBEAT_ATTR: now - 100})
-    assert sw.stale_trials([old, fresh, done], now, grace=10) == [old]
-    assert sw.contiguous_runs([3, 4, 5, 8, 10, 11]) == [[3, 4, 5], [8], [10, 11]]
+    old = frozen(0, TrialState.RUNNING, **{book.HEARTBEAT_ATTR: now - 100})
+    fresh = frozen(1, TrialState.RUNNING, **{book.HEARTBEAT_ATTR: now - 1})
+    done = frozen(2, TrialState.COMPLETE, **{book.HEARTBEAT_ATTR: now - 100})
+    assert book.stale_trials([old, fresh, done], now, grace=10) == [old]
+    assert book.contiguous_runs([3, 4, 5, 8, 10, 11]) == [[3, 4, 5], [8], [10, 11]]
 
 
 def test_outcomes_never_complete_a_nan_and_read_job_returns():
-    assert sw.objective_outcome(0.5, 1) == sw.Outcome(TrialState.COMPLETE, [0.5])
-    assert sw.objective_outcome((1, 2.5), 2) == sw.Outcome(TrialState.COMPLETE, [1.0, 2.5])
+    assert book.objective_outcome(0.5, 1) == book.Outcome(TrialState.COMPLETE, [0.5])
+    assert book.objective_outcome((1, 2.5), 2) == book.Outcome(TrialState.COMPLETE, [1.0, 2.5])
     for value, n in [(math.nan, 1), (math.inf, 1), ((1.0, math.nan), 2), (None, 1), ("x", 1)]:
-        assert sw.objective_outcome(value, n).state == TrialState.FAIL
-    assert "not a sequence of 2" in sw.objective_outcome((1.0,), 2).reason
+        assert book.objective_outcome(value, n).state == TrialState.FAIL
+    assert "not a sequence of 2" in book.objective_outcome((1.0,), 2).reason
 
     pruned = JobReturn(status=JobStatus.FAILED, _return_value=optuna.TrialPruned("step 2"))
     oom = JobReturn(status=JobStatus.FAILED, _return_value=MemoryError("CUDA out of memory"))
-    assert sw.job_outcome(pruned, 1).state == TrialState.PRUNED
-    assert sw.job_outcome(oom, 1) == sw.Outcome(
+    assert book.job_outcome(pruned, 1).state == TrialState.PRUNED
+    assert book.job_outcome(oom, 1) == book.Outcome(
         TrialState.FAIL, reason="MemoryError: CUDA out of memory"
     )
-    assert sw.job_outcome(JobReturn(status=JobStatus.COMPLETED, _return_value=3), 1).values == [3]
+    assert book.job_outcome(JobReturn(status=JobStatus.COMPLETED, _return_value=3), 1).values == [3]
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -291,16 +293,16 @@ def test_retry_is_queued_once_with_the_same_params():
             state=TrialState.FAIL,
             params={"x": 1.5},
             distributions={"x": FloatDistribution(-5, 5)},
-            user_attrs={sw.FAIL_REASON: "stale", "keep": 1},
-            system_attrs={sw.HEARTBEAT_ATTR: 1.0},
+            user_attrs={book.FAIL_REASON: "stale", "keep": 1},
+            system_attrs={book.HEARTBEAT_ATTR: 1.0},
         )
     )
-    assert sw.enqueue_retry(study, study.trials[0], max_retry=1)
+    assert book.enqueue_retry(study, study.trials[0], max_retry=1)
     retry = study.trials[1]
     assert retry.state == TrialState.WAITING and retry.params == {"x": 1.5}
-    assert retry.user_attrs == {"keep": 1} and sw.HEARTBEAT_ATTR not in retry.system_attrs
+    assert retry.user_attrs == {"keep": 1} and book.HEARTBEAT_ATTR not in retry.system_attrs
     assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(retry) == 0
-    assert not sw.enqueue_retry(study, retry, max_retry=1)  # the chain used its one retry
+    assert not book.enqueue_retry(study, retry, max_retry=1)  # the chain used its one retry
 
 
 def test_a_trial_asked_after_the_last_slot_is_surplus_and_not_run(tmp_path):
@@ -314,8 +316,8 @@ def test_a_trial_asked_after_the_last_slot_is_surplus_and_not_run(tmp_path):
     with sw.Heartbeat(study, interval=60) as heartbeat:
         assert run._ask(1, heartbeat) == []
     surplus = load(tmp_path).trials[2]
-    assert surplus.state == TrialState.FAIL and surplus.system_attrs[sw.SURPLUS_ATTR]
-    assert surplus.user_attrs[sw.FAIL_REASON].startswith("surplus")
+    assert surplus.state == TrialState.FAIL and surplus.system_attrs[book.SURPLUS_ATTR]
+    assert surplus.user_attrs[book.FAIL_REASON].startswith("surplus")
     assert [t.number for t in slots(load(tmp_path))] == [0, 1]
     assert run.failures == []  # not a failure of the objective
 
@@ -350,13 +352,13 @@ def test_release_memory_empties_the_cuda_cache_only_if_torch_is_loaded(monkeypat
 
 
 def test_settings_are_checked(tmp_path):
-    assert sw.study_directions("maximize") == ["maximize"]
-    assert sw.study_directions(["minimize", "MAXIMIZE"]) == ["minimize", "maximize"]
-    with pytest.raises(sw.SweepError):
-        sw.study_directions("up")
-    with pytest.raises(sw.SweepError, match="max_failure_rate"):
+    assert study_setup.study_directions("maximize") == ["maximize"]
+    assert study_setup.study_directions(["minimize", "MAXIMIZE"]) == ["minimize", "maximize"]
+    with pytest.raises(study_setup.SweepError):
+        study_setup.study_directions("up")
+    with pytest.raises(study_setup.SweepError, match="max_failure_rate"):
         sw.StudySweep(sampler=None, pruner=None, max_failure_rate=1.5)
-    storage = sw.open_storage(f"journal://{tmp_path}/new/dir/study.log")
+    storage = study_setup.open_storage(f"journal://{tmp_path}/new/dir/study.log")
     assert isinstance(storage, JournalStorage) and (tmp_path / "new" / "dir").is_dir()
 
 
@@ -374,7 +376,7 @@ def test_sampler_and_pruner_configs_compose_and_instantiate(sampler, pruner):
     if sampler == "cmaes":
         pytest.importorskip("cmaes")
     space = ss.parse_search_space(["x=choice(1,2)", "y=range(0,3)"])
-    built, n_trials = sw.build_sampler(conf.sampler, space, 20)
+    built, n_trials = study_setup.build_sampler(conf.sampler, space, 20)
     assert isinstance(built, optuna.samplers.BaseSampler)
     assert n_trials == (6 if sampler == "grid" else 20)
     assert isinstance(instantiate(conf.pruner), optuna.pruners.BasePruner)
@@ -463,7 +465,9 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on_within_the_rate(tmp_pa
     )
     study = load(tmp_path)
     assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
-    assert study.trials[1].user_attrs[sw.FAIL_REASON] == "RuntimeError: planned failure of trial 1"
+    assert (
+        study.trials[1].user_attrs[book.FAIL_REASON] == "RuntimeError: planned failure of trial 1"
+    )
 
 
 def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path):
@@ -486,7 +490,7 @@ def test_a_nan_objective_is_a_failed_trial(tmp_path):
     sweep(tmp_path, "nan_on=[1]", "hydra.sweeper.max_failure_rate=0.5", "hydra.sweeper.n_trials=3")
     study = load(tmp_path)
     assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert "not finite" in study.trials[1].user_attrs[sw.FAIL_REASON]
+    assert "not finite" in study.trials[1].user_attrs[book.FAIL_REASON]
 
 
 def test_a_bad_sampled_value_fails_its_trial_only(tmp_path):
@@ -500,7 +504,7 @@ def test_a_bad_sampled_value_fails_its_trial_only(tmp_path):
     )
     study = load(tmp_path)
     assert states(study) == ["FAIL", "COMPLETE"]
-    assert study.trials[0].user_attrs[sw.FAIL_REASON] == "KeyError: 'd'"
+    assert study.trials[0].user_attrs[book.FAIL_REASON] == "KeyError: 'd'"
 
 
 def test_a_value_that_does_not_compose_fails_before_launch(tmp_path):
@@ -513,7 +517,7 @@ def test_a_value_that_does_not_compose_fails_before_launch(tmp_path):
     )
     study = load(tmp_path)
     assert states(study) == ["FAIL", "FAIL"]
-    assert "Could not override 'nokey'" in study.trials[0].user_attrs[sw.FAIL_REASON]
+    assert "Could not override 'nokey'" in study.trials[0].user_attrs[book.FAIL_REASON]
     assert not list((tmp_path / "sweep").glob("[0-9]*"))  # no job ran
     assert results(tmp_path)["best_value"] is None
 
@@ -574,13 +578,13 @@ def test_stale_running_trial_is_failed_and_retried_with_the_same_params(tmp_path
             state=TrialState.RUNNING,
             params=params,
             distributions=TOY_SPACE,
-            system_attrs={sw.HEARTBEAT_ATTR: time.time() - 3600},  # its sweep died an hour ago
+            system_attrs={book.HEARTBEAT_ATTR: time.time() - 3600},  # its sweep died an hour ago
         )
     )
     sweep(tmp_path, "hydra.sweeper.n_trials=3")
     study = load(tmp_path)
     assert states(study) == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
-    assert study.trials[0].user_attrs[sw.FAIL_REASON].startswith("stale: no heartbeat")
+    assert study.trials[0].user_attrs[book.FAIL_REASON].startswith("stale: no heartbeat")
     retry = study.trials[1]
     assert retry.params == params and retry.system_attrs["failed_trial"] == 0
     assert [t.number for t in slots(study)] == [1, 2, 3]  # exactly n_trials counted
@@ -598,7 +602,7 @@ def test_a_killed_sweep_is_resumed_and_its_trial_retried(tmp_path):
     sweep(tmp_path, *live[1:], "hydra.sweeper.n_trials=3")
     study = load(tmp_path)
     assert study.trials[1].state == TrialState.FAIL
-    assert study.trials[1].user_attrs[sw.FAIL_REASON].startswith("stale")
+    assert study.trials[1].user_attrs[book.FAIL_REASON].startswith("stale")
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
     assert len(retries) == 1 and retries[0].params == killed.params
     assert [t.state.name for t in slots(study)] == ["COMPLETE"] * 3
@@ -627,7 +631,7 @@ def test_interrupted_sweep_fails_and_requeues_its_trial(tmp_path):
     assert finish(proc)[0] != 0
     study = load(tmp_path)
     assert study.trials[1].state == TrialState.FAIL
-    assert study.trials[1].user_attrs[sw.FAIL_REASON].startswith("sweep interrupted")
+    assert study.trials[1].user_attrs[book.FAIL_REASON].startswith("sweep interrupted")
     assert study.trials[2].state == TrialState.WAITING
     sweep(tmp_path, "hydra.sweeper.n_trials=3")
     study = load(tmp_path)
@@ -668,7 +672,7 @@ def test_two_workers_share_one_study_with_the_exact_total(tmp_path, backend):
     counted = slots(study)
     assert len(counted) == 8 and all(t.state == TrialState.COMPLETE for t in counted)
     extra = [t for t in study.trials if t not in counted]
-    assert all(t.system_attrs.get(sw.SURPLUS_ATTR) for t in extra)
+    assert all(t.system_attrs.get(book.SURPLUS_ATTR) for t in extra)
     assert len({t.user_attrs["job_pid"] for t in counted}) == 2  # both workers ran trials
     for trial in counted:
         record = json.loads((tmp_path / "sweep" / str(trial.number) / "trial.json").read_text())
