@@ -29,14 +29,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from optuna.distributions import CategoricalDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, InMemoryStorage
 from optuna.trial import TrialState
@@ -205,6 +207,7 @@ class StudySweep:
         heartbeat_interval: int = 60,
         grace_period: int | None = None,
         max_retry: int = 1,
+        preflight: str | None = None,
     ) -> None:
         if not 0.0 <= max_failure_rate <= 1.0:
             raise SweepError(f"max_failure_rate must be within [0, 1], got {max_failure_rate}")
@@ -228,6 +231,7 @@ class StudySweep:
         self.heartbeat_interval = float(heartbeat_interval)
         self.grace_period = float(grace_period or 2 * heartbeat_interval)
         self.max_retry = max_retry
+        self.preflight = preflight
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
         self.config: DictConfig | None = None
@@ -245,7 +249,12 @@ class StudySweep:
         assert self.task_function is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
-        space = parse_search_space(overrides, parser)
+        try:
+            space = parse_search_space(overrides, parser)
+        except ValueError as err:  # e.g. a log-scale interval that starts at 0
+            _bad_input(f"hydra.sweeper.params: {err}")
+        if self.preflight:
+            self._preflight(space)
         sampler, n_trials = build_sampler(self.sampler_conf, space, self.n_trials)
         pruner = instantiate(self.pruner_conf) if self.pruner_conf else optuna.pruners.NopPruner()
         storage = open_storage(self.storage_spec)
@@ -294,6 +303,26 @@ class StudySweep:
             _notify(callbacks, "on_sweep_end", study)
         return study
 
+    def _preflight(self, space: SearchSpace) -> None:
+        """Check the jobs' configs before any trial exists; exit 2 with one line if one is bad."""
+        assert self.hydra_context is not None and self.config is not None
+        check = get_method(self.preflight)
+        for extra in [[], *preflight_overrides(space)]:
+            try:
+                cfg = self.hydra_context.config_loader.load_sweep_config(
+                    self.config, [*space.fixed, *extra]
+                )
+                with open_dict(cfg):
+                    # No job folder exists yet; ${hydra:...} in the app's config must resolve.
+                    cfg.hydra.runtime.output_dir = str(self.config.hydra.sweep.dir)
+                    HydraConfig.instance().set_config(cfg)
+                    del cfg["hydra"]
+                check(cfg)
+            except Exception as err:
+                cause = f": {str(err.__cause__).splitlines()[0]}" if err.__cause__ else ""
+                where = f" (with {' '.join(extra)})" if extra else ""
+                _bad_input(f"{str(err).splitlines()[0]}{cause}{where}")
+
     def _open_study(
         self,
         storage: BaseStorage,
@@ -315,6 +344,25 @@ class StudySweep:
                 f"{self.directions}: use another study_name"
             )
         return study
+
+
+def _bad_input(message: str) -> NoReturn:
+    # Bad input is the user's to fix, not a crash: one line, exit code 2, nothing recorded.
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def preflight_overrides(space: SearchSpace) -> list[list[str]]:
+    """One override list per extreme of each searched value: low and high ends, every choice."""
+    checks = []
+    for name, dist in space.distributions.items():
+        key = space.keys[name]
+        if isinstance(dist, CategoricalDistribution):
+            values = space.choice_text.get(name) or [str(c) for c in dist.choices]
+        else:
+            values = [str(dist.low), str(dist.high)]
+        checks.extend([f"{key}={value}"] for value in values)
+    return checks
 
 
 def _in_process(launcher: Any) -> bool:

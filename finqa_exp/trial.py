@@ -12,10 +12,12 @@ before any model is loaded, so bad input fails in seconds and records nothing.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finqa_exp import data as data_lib
 from finqa_exp import tracking
-from finqa_exp.config import FinqaConfig, flatten, validate
+from finqa_exp.config import ColumnsConfig, DataConfig, FinqaConfig, flatten, validate
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +76,26 @@ def _sweep_trial() -> Any | None:
     except ImportError:
         return None
     return current_trial()
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Check a config and its data without loading a model (a sweep's check before trial 0).
+
+    Raises ConfigError or DataError naming the problem; used as ``hydra.sweeper.preflight``.
+    """
+    conf = validate(cfg)
+    _check_data(json.dumps(asdict(conf.data), sort_keys=True))
+
+
+@functools.cache
+def _check_data(data_json: str) -> None:
+    # Once per distinct data config: a sweep checks many configs that share their data.
+    data_lib.load_splits(DataConfig(**_data_fields(json.loads(data_json))))
+
+
+def _data_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    fields["columns"] = ColumnsConfig(**fields["columns"])
+    return fields
 
 
 def run_trial(cfg: DictConfig) -> float:

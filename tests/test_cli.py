@@ -80,3 +80,28 @@ def test_unknown_options_fail_at_composition(tmp_path, args, expected):
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train.learning_rate=0"], "error: train.learning_rate must be > 0, got 0.0"),
+        (["data=local", "data.path=missing.jsonl"], "error: data.path: file not found"),
+        (["lora.r=choice(0,8)"], "error: lora.r must be >= 1, got 0 (with lora.r=0)"),
+        (["train.batch_size=choice(abc,4)"], "could not be converted to Integer"),
+        (
+            ["train.learning_rate=tag(log,interval(0.0,1e-3))"],
+            "error: hydra.sweeper.params: `low > 0` must hold for `log=True`",
+        ),
+    ],
+)
+def test_a_sweep_with_bad_input_creates_no_trial(tmp_path, args, expected):
+    start = time.perf_counter()
+    proc = run_cli("-m", *args, f"hydra.sweep.dir={tmp_path}/multirun", cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (tmp_path / "studies").exists()  # no study, so zero trials
+    assert not (tmp_path / "mlflow.db").exists()
+    print(f"sweep with {args} rejected in {elapsed:.1f}s")

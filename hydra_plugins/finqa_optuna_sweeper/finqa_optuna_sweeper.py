@@ -164,6 +164,10 @@ class FinqaOptunaSweeperConf:
     heartbeat_interval: int = 60
     grace_period: int | None = None  # None -> 2 * heartbeat_interval
     max_retry: int = 1
+    # Dotted path to fn(cfg) that checks a job's config (composed from the command line's
+    # fixed overrides, and once per extreme of each searched value) before the study opens:
+    # bad input fails in seconds with no trial created.
+    preflight: str | None = None
 
 
 def register_configs() -> None:
