@@ -12,7 +12,6 @@ before any model is loaded, so bad input fails in seconds and records nothing.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import resource
@@ -25,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finqa_exp import data as data_lib
 from finqa_exp import tracking
-from finqa_exp.config import ColumnsConfig, DataConfig, FinqaConfig, flatten, validate
+from finqa_exp.config import FinqaConfig, flatten, validate
 
 if TYPE_CHECKING:
     import torch
@@ -84,18 +83,14 @@ def preflight(cfg: DictConfig) -> None:
     Raises ConfigError or DataError naming the problem; used as ``hydra.sweeper.preflight``.
     """
     conf = validate(cfg)
-    _check_data(json.dumps(asdict(conf.data), sort_keys=True))
-
-
-@functools.cache
-def _check_data(data_json: str) -> None:
     # Once per distinct data config: a sweep checks many configs that share their data.
-    data_lib.load_splits(DataConfig(**_data_fields(json.loads(data_json))))
+    key = json.dumps(asdict(conf.data), sort_keys=True)
+    if key not in _CHECKED_DATA:
+        data_lib.load_splits(conf.data)
+        _CHECKED_DATA.add(key)
 
 
-def _data_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    fields["columns"] = ColumnsConfig(**fields["columns"])
-    return fields
+_CHECKED_DATA: set[str] = set()
 
 
 def run_trial(cfg: DictConfig) -> float:
@@ -218,7 +213,7 @@ def _fit_and_score(
     base_key = evaluation.cache_key(
         source,
         conf.model.revision,
-        OmegaConf.to_container(OmegaConf.structured(conf.quant)),
+        asdict(conf.quant),
         tok_key,
         conf.eval.max_new_tokens,
         conf.eval.max_questions,
