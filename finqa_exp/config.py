@@ -11,6 +11,7 @@ cross-field rules, before any data or model is touched::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,14 @@ class ConfigError(ValueError):
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _module_exists(name: str) -> bool:
+    # find_spec locates a module without running it (only its parent packages are imported).
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclass
@@ -217,6 +226,11 @@ class TrainConfig:
     group_by_length: bool = True
     # bf16/fp16 autocast on GPU; "auto" picks bf16 where supported.
     mixed_precision: str = "auto"
+    # Extra transformers TrainerCallbacks by name, each a `_target_` object for
+    # hydra.utils.instantiate, e.g.
+    #   '+train.callbacks.stop={_target_: transformers.EarlyStoppingCallback,
+    #                           early_stopping_patience: 2}'
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(
@@ -256,6 +270,18 @@ class TrainConfig:
             self.mixed_precision in precisions,
             f"train.mixed_precision must be one of {precisions}, got '{self.mixed_precision}'",
         )
+        for name, spec in self.callbacks.items():
+            _require(
+                isinstance(spec, dict) and isinstance(spec.get("_target_"), str),
+                f"train.callbacks.{name} must be a mapping with a '_target_' import path, "
+                f"got {spec!r}",
+            )
+            module = spec["_target_"].rpartition(".")[0]
+            _require(
+                bool(module) and _module_exists(module),
+                f"train.callbacks.{name}._target_: no module '{module}' to import "
+                f"'{spec['_target_']}' from",
+            )
 
 
 @dataclass

@@ -149,6 +149,13 @@ class PruningCallback(TrainerCallback):
             )
 
 
+def extra_callbacks(specs: dict[str, Any]) -> list[TrainerCallback]:
+    """``train.callbacks`` instantiated (``_target_`` objects), in name order."""
+    from hydra.utils import instantiate
+
+    return [instantiate(specs[name]) for name in sorted(specs)]
+
+
 @dataclass
 class TrainResult:
     runtime_s: float

@@ -245,7 +245,7 @@ def _fit_and_score(
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d: %d trainable of %d parameters", conf.lora.r, trainable, total)
     out_dir = Path(conf.paths.output_dir)
-    callbacks = []
+    callbacks = training.extra_callbacks(conf.train.callbacks)
     if trial is not None:
         callbacks.append(training.PruningCallback(trial, conf.study.direction == "maximize"))
     result = training.train(

@@ -103,3 +103,25 @@ def test_lora_config_from_config():
 def test_flatten_gives_dotted_params():
     flat = flatten(OmegaConf.create({"train": {"learning_rate": 1e-3}, "lora": {"r": 8}}))
     assert flat == {"train.learning_rate": 1e-3, "lora.r": 8}
+
+
+def test_train_callbacks_are_instantiated_from_their_targets(tmp_path):
+    from finqa_exp.training import extra_callbacks
+
+    spec = "{_target_: transformers.EarlyStoppingCallback, early_stopping_patience: 2}"
+    conf = validate(compose_cfg([f"+train.callbacks.stop={spec}"], tmp_path))
+    (callback,) = extra_callbacks(conf.train.callbacks)
+    assert type(callback).__name__ == "EarlyStoppingCallback"
+    assert callback.early_stopping_patience == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("3", "train.callbacks.stop must be a mapping with a '_target_'"),
+        ("{_target_: no_such_pkg.Callback}", "no module 'no_such_pkg'"),
+    ],
+)
+def test_bad_train_callbacks_are_config_errors(spec, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_cfg([f"+train.callbacks.stop={spec}"], tmp_path))
