@@ -319,9 +319,16 @@ class StudySweep:
                     del cfg["hydra"]
                 check(cfg)
             except Exception as err:
-                cause = f": {str(err.__cause__).splitlines()[0]}" if err.__cause__ else ""
+                message = str(err).splitlines()[0]
+                cause = ""
+                if err.__cause__ is not None:
+                    text = str(err.__cause__).splitlines()[0]
+                    # Name the cause once: a message may already quote it (a DataError
+                    # quotes its JSONDecodeError's msg).
+                    if getattr(err.__cause__, "msg", text) not in message:
+                        cause = f": {text}"
                 where = f" (with {' '.join(extra)})" if extra else ""
-                _bad_input(f"{str(err).splitlines()[0]}{cause}{where}")
+                _bad_input(f"{message}{cause}{where}")
 
     def _open_study(
         self,

@@ -89,6 +89,7 @@ class MlflowTracker:
     def __init__(self, cfg: TrackingConfig):
         from mlflow import MlflowClient
 
+        check_reachable(cfg.uri)
         self.cfg = cfg
         self.client = MlflowClient(tracking_uri=cfg.uri)
         self.run_id: str | None = None
@@ -160,6 +161,95 @@ class MlflowTracker:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
             self.run_id = None
+
+
+# How long the first contact with a tracking store may take. MLflow's own client retries an
+# unreachable server for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)
+# and a database for over a minute; a wrong or stopped store should fail in seconds instead.
+REACH_TIMEOUT_S = 5.0
+_DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """TrackingError within ``timeout`` seconds if the store at ``uri`` cannot be reached.
+
+    A tracking server (``http(s)://``) must answer one request to its REST API, without
+    retries and below HTTP 500 (a 404 or 401 is an answer); a database server
+    (``postgresql://``, ``mysql://``, ``mssql://``) must accept a TCP connection. Local
+    stores (``sqlite:///``, folders) are made on first use, so there is nothing to reach.
+    Creates nothing anywhere.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0].lower()
+    if scheme in ("http", "https"):
+        reason = _http_unreachable(uri, timeout)
+    elif scheme in _DB_PORTS:
+        reason = _tcp_unreachable(parts, _DB_PORTS[scheme], timeout)
+    else:
+        reason = None
+    if reason:
+        # No exception chain: the reason is the whole story, and callers print one line.
+        raise TrackingError(f"tracking.uri={redact(uri)}: {reason}")
+
+
+def _http_unreachable(uri: str, timeout: float) -> str | None:
+    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+
+    # The endpoint the tracker calls first; the TLS settings MLflow's client would use.
+    creds = get_default_host_creds(uri)
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name"
+    try:
+        resp = requests.get(
+            url,
+            params={"experiment_name": "Default"},
+            timeout=timeout,
+            verify=creds.verify,
+            cert=creds.client_cert_path,
+        )
+    except requests.Timeout:
+        return f"cannot reach the tracking server: no answer in {timeout:g} s"
+    except requests.RequestException as err:
+        return f"cannot reach the tracking server: {_os_reason(err)}"
+    if resp.status_code >= 500:
+        return f"the tracking server answered HTTP {resp.status_code} {resp.reason}"
+    return None
+
+
+def _tcp_unreachable(parts: Any, default_port: int, timeout: float) -> str | None:
+    import socket
+
+    try:
+        host, port = parts.hostname, parts.port or default_port
+    except ValueError:  # several hosts, or an odd port: leave it to the driver
+        return None
+    if not host:  # a local socket
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except TimeoutError:
+        return f"cannot reach the database server {host}:{port}: no answer in {timeout:g} s"
+    except OSError as err:
+        return f"cannot reach the database server {host}:{port}: {_os_reason(err)}"
+
+
+def _os_reason(err: BaseException) -> str:
+    """Short words for a failed connection ("Connection refused"), not urllib3's wrapping."""
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\] ([^'\"\])]+)", text)
+    if found:
+        return found.group(1).strip()
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    if "SSLError" in text or "SSL:" in text:
+        return "the TLS handshake failed (not an https server, or an untrusted certificate)"
+    if "RemoteDisconnected" in text or "Connection aborted" in text:
+        return "it closed the connection without an answer (not an MLflow server?)"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first[:200]
 
 
 def make_tracker(cfg: TrackingConfig) -> Tracker:
@@ -254,6 +344,7 @@ class StudyRun:
             artifact_location=artifact_location,
         )
         self._tracker: MlflowTracker | None = None
+        self._created_parent: str | None = None
 
     @property
     def tracker(self) -> MlflowTracker:
@@ -273,6 +364,7 @@ class StudyRun:
                 tags={"study": study.study_name, "optuna_role": "study"},
             ).info.run_id
             study.set_user_attr(self.PARENT_ATTR, parent)
+            self._created_parent = parent
         else:
             client.update_run(parent, status="RUNNING")
         for trial in study.get_trials(deepcopy=False):
@@ -288,6 +380,7 @@ class StudyRun:
         parent = study.user_attrs.get(self.PARENT_ATTR)
         if parent is None:
             return
+        self._merge_duplicate_parent(parent)
         counts: dict[str, float] = {}
         for trial in study.get_trials(deepcopy=False):
             key = f"trials_{trial.state.name.lower()}"
@@ -304,6 +397,25 @@ class StudyRun:
             self._register(study)
         self.tracker.log_metrics(counts)
         self.tracker.end_run(FINISHED)
+
+    def _merge_duplicate_parent(self, parent: str) -> None:
+        """Workers that open a new study together may each create a parent run; the study
+        keeps the last one written. Move this worker's other one's children to it and
+        delete it, so the study has one parent and nothing is left RUNNING."""
+        mine = self._created_parent
+        if mine is None or mine == parent:
+            return
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        client = self.tracker.client
+        children = client.search_runs(
+            [self.tracker.experiment_id], f"tags.mlflow.parentRunId = '{mine}'"
+        )
+        for run in children:
+            client.set_tag(run.info.run_id, MLFLOW_PARENT_RUN_ID, parent)
+        client.set_terminated(mine, status=KILLED)
+        client.delete_run(mine)
+        self._created_parent = None
 
     def _register(self, study: Any) -> None:
         """Point the champion alias at the best trial's adapter (a tag on the parent says which)."""

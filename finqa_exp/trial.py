@@ -78,9 +78,11 @@ def _sweep_trial() -> Any | None:
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Check a config and its data without loading a model (a sweep's check before trial 0).
+    """Check a config, its data and its tracking store without loading a model (a sweep's
+    check before trial 0).
 
-    Raises ConfigError or DataError naming the problem; used as ``hydra.sweeper.preflight``.
+    Raises ConfigError, DataError or TrackingError naming the problem; used as
+    ``hydra.sweeper.preflight``.
     """
     conf = validate(cfg)
     # Once per distinct data config: a sweep checks many configs that share their data.
@@ -88,6 +90,9 @@ def preflight(cfg: DictConfig) -> None:
     if key not in _CHECKED_DATA:
         data_lib.load_splits(conf.data)
         _CHECKED_DATA.add(key)
+    if conf.tracking.backend == "mlflow":
+        # A stopped tracking server fails the sweep here, before the study has a trial.
+        tracking.check_reachable(conf.tracking.uri)
 
 
 _CHECKED_DATA: set[str] = set()

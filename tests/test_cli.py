@@ -3,10 +3,15 @@ before any model loads and without recording anything."""
 
 from __future__ import annotations
 
+import http.server
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,13 +78,23 @@ def test_bad_input_is_one_line_in_seconds_and_records_nothing(tmp_path, args, ex
             "Value 'fast' of type 'str' could not be converted to Float",
         ),
         (["model=gpt5"], "Could not find 'model/gpt5'"),
+        # The same in a sweep: Hydra composes the job config before the sweeper starts.
+        (["-m", "train.lr=1"], "Key 'lr' not in 'TrainConfig'"),
+        (["-m", "train.learning_rate=abc"], "Value 'abc' of type 'str' could not be converted"),
+        (["-m", "model=nope"], "Could not find 'model/nope'"),
     ],
 )
 def test_unknown_options_fail_at_composition(tmp_path, args, expected):
+    start = time.perf_counter()
     proc = run_cli(*args, cwd=tmp_path)
+    elapsed = time.perf_counter() - start
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / ".cache").exists()  # no model built
+    assert not (tmp_path / "studies").exists()  # a sweep opened no study: zero trials
+    assert not (tmp_path / "multirun").exists()  # and launched no job
+    print(f"{args} rejected in {elapsed:.1f}s (exit {proc.returncode})")
 
 
 @pytest.mark.parametrize(
@@ -93,15 +108,89 @@ def test_unknown_options_fail_at_composition(tmp_path, args, expected):
             ["train.learning_rate=tag(log,interval(0.0,1e-3))"],
             "error: hydra.sweeper.params: `low > 0` must hold for `log=True`",
         ),
+        (["train.learning_rate=-0.001"], "error: train.learning_rate must be > 0, got -0.001"),
+        (["lora.r=0"], "error: lora.r must be >= 1, got 0"),
+        (["data=local", "data.path={empty}"], "error: data.path: file is empty: {empty}"),
+        (["data=local", "data.path={truncated}"], "line 1 is not valid JSON (truncated file?)"),
+        (["data=local", "data.path={wrong}"], "missing column 'instruction' for the instruction"),
     ],
 )
 def test_a_sweep_with_bad_input_creates_no_trial(tmp_path, args, expected):
+    files = bad_files(tmp_path)
+    args = [a.format(**files) for a in args]
     start = time.perf_counter()
     proc = run_cli("-m", *args, f"hydra.sweep.dir={tmp_path}/multirun", cwd=tmp_path)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert len(lines) == 1 and expected.format(**files) in lines[0], proc.stderr
     assert not (tmp_path / "studies").exists()  # no study, so zero trials
     assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / ".cache").exists()  # no model built
+    assert not (tmp_path / "multirun").exists()  # no job launched
     print(f"sweep with {args} rejected in {elapsed:.1f}s")
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (the OS's pick, released at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def broken_tracking_server() -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that answers every request 503, as a server whose
+    database is down would; yields its URL."""
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(503)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+UNREACHABLE = [
+    ("http://127.0.0.1:{port}", "cannot reach the tracking server: Connection refused"),
+    (
+        "postgresql://user:secret@127.0.0.1:{port}/mlflow",
+        "cannot reach the database server 127.0.0.1:{port}: Connection refused",
+    ),
+    ("{broken}", "the tracking server answered HTTP 503"),
+]
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+@pytest.mark.parametrize(("uri", "expected"), UNREACHABLE, ids=["http", "postgresql", "http-503"])
+def test_an_unreachable_tracking_store_is_one_line_before_any_model_or_trial(
+    tmp_path, uri, expected, sweep
+):
+    # MLflow's client would retry such a store for minutes; the check answers at once.
+    port = closed_port()
+    with broken_tracking_server() as broken:
+        uri = uri.format(port=port, broken=broken)
+        args = ["-m", f"hydra.sweep.dir={tmp_path}/multirun"] if sweep else []
+        start = time.perf_counter()
+        proc = run_cli(*args, f"tracking.uri={uri}", cwd=tmp_path)
+        elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    shown = uri.replace(":secret@", ":***@")  # the password is masked
+    assert lines[0].startswith(f"error: tracking.uri={shown}: {expected.format(port=port)}")
+    assert "secret" not in proc.stderr + proc.stdout
+    assert not (tmp_path / ".cache").exists()  # no model built
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "studies").exists()  # a sweep opened no study: zero trials
+    assert not (tmp_path / "multirun").exists()  # and launched no job
+    print(f"{'sweep' if sweep else 'run'} with tracking.uri={shown} rejected in {elapsed:.1f}s")

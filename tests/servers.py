@@ -1,0 +1,159 @@
+"""Real servers for the tests that need them: an MLflow tracking server, a PostgreSQL schema.
+
+    from tests.servers import tracking_server
+    with tracking_server(tmp_path) as server:       # PostgreSQL-backed if one is configured
+        MlflowClient(server.url)                     # http://127.0.0.1:<free port>
+
+The server runs ``mlflow server`` in a process group of its own, bound to 127.0.0.1, with
+its artifacts served from a folder of the test's (``--artifacts-destination``); leaving the
+``with`` block kills the group, so nothing outlives the test. With FINQA_TEST_POSTGRES_URL
+set (``postgresql://user:pw@127.0.0.1/db``; .ci/run sets it), every store lives in a fresh
+schema of that database, dropped afterwards: tests never see each other's rows, and the
+role needs no right beyond creating schemas in its own database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+POSTGRES_URL = os.environ.get("FINQA_TEST_POSTGRES_URL")
+NO_POSTGRES = "FINQA_TEST_POSTGRES_URL not set (e.g. postgresql://user:pw@127.0.0.1/db)"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 (free when asked; the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str  # http://127.0.0.1:<port>, the tracking.uri to give clients
+    backend_uri: str
+    artifacts_dir: Path
+    log_path: Path  # the server's stdout and stderr
+
+
+@contextmanager
+def mlflow_server(
+    backend_uri: str, folder: Path, start_timeout: float = 180.0
+) -> Iterator[MlflowServer]:
+    """``mlflow server`` on 127.0.0.1 over ``backend_uri``, artifacts under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = MlflowServer(
+        url=f"http://127.0.0.1:{port}",
+        backend_uri=backend_uri,
+        artifacts_dir=folder / "artifacts",
+        log_path=folder / "mlflow-server.log",
+    )
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",  # the test machine has 2 cores; one worker serves a few clients
+        "--backend-store-uri", backend_uri,
+        "--artifacts-destination", str(server.artifacts_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(server.log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: uvicorn's workers go with it
+        )
+    try:
+        _wait_healthy(server, proc, start_timeout)
+        yield server
+    finally:
+        _stop(proc)
+
+
+def _wait_healthy(server: MlflowServer, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"mlflow server exited with {proc.returncode}:\n{_tail(server.log_path)}"
+            )
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"mlflow server did not answer in {timeout:.0f} s:\n{_tail(server.log_path)}"
+            )
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group; then SIGKILL to whatever of it is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+@contextmanager
+def postgres_schema(base_url: str, prefix: str = "finqa_test") -> Iterator[str]:
+    """A fresh schema in ``base_url``'s database: yields a URL whose connections use it.
+
+    The schema goes first on the connection's search_path (libpq ``options``), so MLflow's
+    and Optuna's tables are created in it; it is dropped, tables and all, on exit.
+    """
+    import sqlalchemy as sa
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    url = sa.engine.make_url(base_url)
+    admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+    scoped = url.update_query_dict({"options": f"-csearch_path={name}"})
+    try:
+        yield scoped.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '30s'")
+            conn.exec_driver_sql(f'DROP SCHEMA "{name}" CASCADE')
+        admin.dispose()
+
+
+@contextmanager
+def tracking_server(folder: Path) -> Iterator[MlflowServer]:
+    """An MLflow server backed by PostgreSQL (a fresh schema) if configured, else SQLite."""
+    if POSTGRES_URL:
+        with postgres_schema(POSTGRES_URL, "finqa_mlflow") as db, mlflow_server(db, folder) as srv:
+            yield srv
+    else:
+        with mlflow_server(f"sqlite:///{folder / 'mlflow.db'}", folder) as srv:
+            yield srv
