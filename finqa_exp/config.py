@@ -80,8 +80,19 @@ class ModelConfig:
     name_or_path: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    # auto: on only where the estimated activations would not fit in free GPU memory
+    # (modeling.use_gradient_checkpointing); true/false force it.
+    gradient_checkpointing: str = "auto"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def __post_init__(self) -> None:
+        self.gradient_checkpointing = str(self.gradient_checkpointing).lower()
+        choices = ("auto", "true", "false")
+        _require(
+            self.gradient_checkpointing in choices,
+            f"model.gradient_checkpointing must be one of {choices}, "
+            f"got '{self.gradient_checkpointing}'",
+        )
 
 
 @dataclass

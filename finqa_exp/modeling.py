@@ -280,15 +280,119 @@ def keep_cpu_4bit_trainable(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def add_lora(base: Any, lora: LoraConfig, model: ModelConfig, quantized: bool) -> Any:
+def activation_bytes(config: Any, batch_size: int, seq_len: int) -> int:
+    """Estimated activation memory of one training step without checkpointing, in bytes.
+
+    Per layer, 16-bit activations of a transformer block take about ``34·s·b·h`` bytes
+    plus ``5·a·s²·b`` for attention scores (Korthikanti et al. 2022, "Reducing Activation
+    Recomputation"); the fp32 logits and their gradient add ``8·s·b·V``.
+    """
+    s, b = seq_len, batch_size
+    h, a = config.hidden_size, config.num_attention_heads
+    per_layer = 34 * s * b * h + 5 * a * s * s * b
+    return per_layer * config.num_hidden_layers + 8 * s * b * config.vocab_size
+
+
+def use_gradient_checkpointing(
+    setting: str, config: Any, batch_size: int, seq_len: int, dev: torch.device
+) -> bool:
+    """``model.gradient_checkpointing``: true/false as given; auto turns it on only on a GPU
+    whose free memory (after loading the model) is less than the estimated activations
+    plus a margin. Checkpointing costs about a third more compute, so never by default."""
+    if setting != "auto":
+        return setting == "true"
+    if dev.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(dev)
+    need = activation_bytes(config, batch_size, seq_len)
+    return need > 0.8 * free
+
+
+def add_lora(base: Any, lora: LoraConfig, gradient_checkpointing: bool, quantized: bool) -> Any:
     """Wrap the base in a trainable peft LoRA adapter; only adapter weights require grad."""
     import peft
 
     if quantized:
         base = peft.prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=model.gradient_checkpointing
+            base, use_gradient_checkpointing=gradient_checkpointing
         )
-    elif model.gradient_checkpointing:
+    elif gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
+    if not gradient_checkpointing and any(
+        getattr(m, "gradient_checkpointing", False) for m in base.modules()
+    ):
+        # A reused base keeps the setting of the trial before (see SharedBase). Named
+        # activation_checkpointing_disable since transformers 5.x; the old name warns.
+        disable = getattr(base, "activation_checkpointing_disable", None)
+        (disable or base.gradient_checkpointing_disable)()
     return peft.get_peft_model(base, lora_config(lora))
+
+
+def remove_lora(model: Any) -> Any:
+    """The base model with the adapter's layers taken out again, as it was loaded."""
+    return model.unload()
+
+
+class SharedBase:
+    """The loaded base model and tokenizer, kept for the next trial in this process.
+
+    A sweep's jobs run one after another in one process (or one per joblib worker). Each
+    trial adds its LoRA layers to the same frozen 4-bit base; the next trial takes them out
+    again (peft's ``unload``) instead of loading the base again. The tuned model stays
+    usable until then. Holds one base at a time.
+    """
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.adapted: Any = None  # the last trial's peft model, wrapping self.model
+
+    def get(
+        self, name_or_path: str | Path, model: ModelConfig, quant: QuantConfig, dev: torch.device
+    ) -> tuple[Any, Any, bool]:
+        """(tokenizer, base model, whether it was reused) for this source and quantization."""
+        key = json.dumps(
+            [str(name_or_path), model.revision, model.trust_remote_code, asdict(quant), str(dev)]
+        )
+        if key == self.key and self.remove_adapter():
+            return self.tokenizer, self.model, True
+        self.clear()
+        tokenizer = load_tokenizer(name_or_path, model)
+        base = load_base_model(name_or_path, model, quant, dev)
+        self.key, self.tokenizer, self.model = key, tokenizer, base
+        return tokenizer, base, False
+
+    def add_lora(self, lora: LoraConfig, gradient_checkpointing: bool, quantized: bool) -> Any:
+        """:func:`add_lora` on the shared base; remembered so the next trial can remove it."""
+        try:
+            self.adapted = add_lora(self.model, lora, gradient_checkpointing, quantized)
+        except BaseException:
+            self.clear()  # peft may have stopped half-way through injecting layers
+            raise
+        return self.adapted
+
+    def remove_adapter(self) -> bool:
+        """Take the last trial's adapter out of the base; False if that failed."""
+        if self.adapted is None:
+            return True
+        try:
+            base = remove_lora(self.adapted)
+        except Exception as err:  # never train on a base with a stale adapter in it
+            log.warning("could not remove the last adapter (%s); loading the base again", err)
+            return False
+        self.adapted = None
+        return base is self.model
+
+    def clear(self) -> None:
+        """Forget the base: the next :meth:`get` loads it again."""
+        self.key = self.tokenizer = self.model = self.adapted = None
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+shared_base = SharedBase()

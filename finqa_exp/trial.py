@@ -16,6 +16,8 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +108,7 @@ def run_trial(cfg: DictConfig) -> float:
 def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialResult:
     """Run one trial; returns the objective, metrics, MLflow run id and adapter folder."""
     start = time.perf_counter()
+    phases = Phases()
     conf = validate(cfg)  # ConfigError: ranges and consistency
     splits = data_lib.load_splits(conf.data)  # DataError: files, columns, sizes
     log.info(
@@ -151,9 +154,16 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
     try:
         tracker.log_params(flatten(cfg))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        result = _fit_and_score(conf, splits, dev, tracker, trial)
-        result.metrics["trial_time_s"] = time.perf_counter() - start
-        tracker.log_metrics({"trial_time_s": result.metrics["trial_time_s"]})
+        result = _fit_and_score(conf, splits, dev, tracker, trial, phases)
+        timings = phase_metrics(phases.seconds, time.perf_counter() - start)
+        result.metrics.update(timings)
+        tracker.log_metrics(timings)
+        # Beside the adapter, for scripts (and the benchmark) that read a run's numbers.
+        (Path(conf.paths.output_dir) / "metrics.json").write_text(
+            json.dumps(result.metrics, indent=1, sort_keys=True)
+        )
+        if trial is not None:
+            trial.set_user_attr("timings", timings)
         result.run_id = run_id
         status = tracking.FINISHED
         if trial is not None:
@@ -176,42 +186,71 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
         tracker.end_run(status)
 
 
+class Phases:
+    """Wall time per phase of a trial: ``with phases("train"): ...``, summed by name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# Training and generation are the work; everything else in a trial is overhead.
+WORK_PHASES = ("train", "generate_base", "generate_tuned")
+
+
+def phase_metrics(seconds: dict[str, float], total: float) -> dict[str, float]:
+    """``time_<phase>_s`` per phase, ``trial_time_s``, and ``overhead_share``: the share of
+    the trial's wall time spent outside training and generation."""
+    work = sum(seconds.get(name, 0.0) for name in WORK_PHASES)
+    return {
+        **{f"time_{name}_s": value for name, value in sorted(seconds.items())},
+        "trial_time_s": total,
+        "overhead_share": (total - work) / total if total > 0 else 0.0,
+    }
+
+
 def _fit_and_score(
     conf: FinqaConfig,
     splits: data_lib.Splits,
     dev: torch.device,
     tracker: tracking.Tracker,
     trial: Any | None,
+    phases: Phases,
 ) -> TrialResult:
     from transformers import set_seed as transformers_set_seed
 
-    from finqa_exp import evaluation, modeling, training
+    from finqa_exp import evaluation, modeling
 
-    source = base_model_source(conf, splits)
-    tokenizer = modeling.load_tokenizer(source, conf.model)
-    tok_key = evaluation.cache_key(
-        source,
-        conf.model.revision,
-        splits.fingerprint(),
-        conf.data.prompt_template,
-        conf.data.max_length,
-    )
-    train_ds = data_lib.tokenize(
-        tokenizer, conf.data.prompt_template, splits.train, conf.data.max_length, f"train-{tok_key}"
-    )
-    eval_ds = data_lib.tokenize(
-        tokenizer, conf.data.prompt_template, splits.test, conf.data.max_length, f"test-{tok_key}"
-    )
+    with phases("load"):
+        source = base_model_source(conf, splits)
+        log.info(
+            "base model %s (%s)",
+            source,
+            "4-bit " + conf.quant.quant_type if conf.quant.load_in_4bit else "not quantized",
+        )
+        # Loaded once per process: a sweep's later trials reuse it (adapters are swapped).
+        tokenizer, base, reused = modeling.shared_base.get(source, conf.model, conf.quant, dev)
+        log.info("base model %s", "reused from the previous trial" if reused else "loaded")
+        tok_key = evaluation.cache_key(
+            source,
+            conf.model.revision,
+            splits.fingerprint(),
+            conf.data.prompt_template,
+            conf.data.max_length,
+        )
+        template, max_len = conf.data.prompt_template, conf.data.max_length
+        train_ds = data_lib.tokenize(tokenizer, template, splits.train, max_len, f"train-{tok_key}")
+        eval_ds = data_lib.tokenize(tokenizer, template, splits.test, max_len, f"test-{tok_key}")
     test = splits.test[: conf.eval.max_questions] if conf.eval.max_questions else splits.test
     questions = [p.question for p in test]
     references = [p.answer for p in test]
-
-    log.info(
-        "loading base model %s (%s)",
-        source,
-        "4-bit " + conf.quant.quant_type if conf.quant.load_in_4bit else "not quantized",
-    )
-    base = modeling.load_base_model(source, conf.model, conf.quant, dev)
 
     # The base score depends only on model, quantization, data, prompt and eval settings:
     # computed once, then read from the cache by every later trial.
@@ -227,15 +266,16 @@ def _fit_and_score(
     cached = evaluation.load_cached(conf.paths.cache_dir, base_key)
     if cached is None:
         log.info("scoring the base model on %d test questions", len(questions))
-        base_scores, base_answers = evaluation.score(
-            base,
-            tokenizer,
-            conf.data.prompt_template,
-            questions,
-            references,
-            conf.eval.max_new_tokens,
-            conf.eval.batch_size,
-        )
+        with phases("generate_base"):
+            base_scores, base_answers = evaluation.score(
+                base,
+                tokenizer,
+                template,
+                questions,
+                references,
+                conf.eval.max_new_tokens,
+                conf.eval.batch_size,
+            )
         evaluation.save_cached(
             conf.paths.cache_dir, base_key, {"scores": base_scores, "answers": base_answers}
         )
@@ -243,38 +283,78 @@ def _fit_and_score(
         base_scores, base_answers = cached["scores"], cached["answers"]
     log.info("base ROUGE: %s", _fmt(base_scores))
 
+    checkpointing = modeling.use_gradient_checkpointing(
+        conf.model.gradient_checkpointing,
+        base.config,
+        conf.train.batch_size,
+        max(len(ex["input_ids"]) for ex in train_ds),
+        dev,
+    )
     # Seed before the adapter is created: LoRA's A matrices are drawn from the global RNG,
     # which building the tiny base or scoring has already advanced by a varying amount.
     transformers_set_seed(conf.train.seed)
-    model = modeling.add_lora(base, conf.lora, conf.model, conf.quant.load_in_4bit)
+    with phases("add_lora"):
+        model = modeling.shared_base.add_lora(conf.lora, checkpointing, conf.quant.load_in_4bit)
+    return _train_score_save(
+        conf, model, tokenizer, train_ds, eval_ds, questions, references,
+        base_scores, base_answers, checkpointing, dev, tracker, trial, phases,
+    )  # fmt: skip
+
+
+def _train_score_save(
+    conf: FinqaConfig,
+    model: Any,
+    tokenizer: Any,
+    train_ds: Any,
+    eval_ds: Any,
+    questions: list[str],
+    references: list[str],
+    base_scores: dict[str, float],
+    base_answers: list[str],
+    checkpointing: bool,
+    dev: torch.device,
+    tracker: tracking.Tracker,
+    trial: Any | None,
+    phases: Phases,
+) -> TrialResult:
+    from finqa_exp import evaluation, training
+
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d: %d trainable of %d parameters", conf.lora.r, trainable, total)
+    log.info(
+        "LoRA r=%d: %d trainable of %d parameters; gradient checkpointing %s",
+        conf.lora.r,
+        trainable,
+        total,
+        "on" if checkpointing else "off",
+    )
     out_dir = Path(conf.paths.output_dir)
     callbacks = training.extra_callbacks(conf.train.callbacks)
     if trial is not None:
         callbacks.append(training.PruningCallback(trial, conf.study.direction == "maximize"))
-    result = training.train(
-        model,
-        tokenizer,
-        train_ds,
-        eval_ds,
-        conf.train,
-        out_dir / "trainer",
-        dev,
-        tracker,
-        callbacks,
-    )
+    with phases("train"):
+        result = training.train(
+            model,
+            tokenizer,
+            train_ds,
+            eval_ds,
+            conf.train,
+            out_dir / "trainer",
+            dev,
+            tracker,
+            callbacks,
+        )
 
     log.info("scoring the tuned model")
-    tuned_scores, tuned_answers = evaluation.score(
-        model,
-        tokenizer,
-        conf.data.prompt_template,
-        questions,
-        references,
-        conf.eval.max_new_tokens,
-        conf.eval.batch_size,
-    )
+    with phases("generate_tuned"):
+        tuned_scores, tuned_answers = evaluation.score(
+            model,
+            tokenizer,
+            conf.data.prompt_template,
+            questions,
+            references,
+            conf.eval.max_new_tokens,
+            conf.eval.batch_size,
+        )
     log.info("tuned ROUGE: %s", _fmt(tuned_scores))
 
     peak, peak_kind = peak_memory_mb(dev)
@@ -288,31 +368,35 @@ def _fit_and_score(
         "train_steps": float(result.steps),
         "peak_memory_mb": peak,
         "trainable_params": float(trainable),
+        "gradient_checkpointing": float(checkpointing),
     }
     if result.history.eval:
         metrics["eval_loss"] = result.history.eval[-1][1]
     if result.history.train:
         metrics["final_train_loss"] = result.history.train[-1][1]
-    tracker.log_metrics(metrics)
-    tracker.set_tags({"peak_memory_kind": peak_kind})
-
-    samples = [
-        {"question": q, "reference": r, "base_answer": b, "tuned_answer": t}
-        for q, r, b, t in zip(questions, references, base_answers, tuned_answers)
-    ]
-    tracker.log_table(samples[: conf.eval.num_samples], "samples.json")
-
-    adapter_dir = out_dir / "adapter"
-    model.save_pretrained(adapter_dir)  # safetensors
-    tokenizer.save_pretrained(adapter_dir)
-    if conf.tracking.log_adapter:
-        tracker.log_artifacts(adapter_dir, "adapter")
-
     if conf.study.metric not in metrics:
         raise ValueError(
             f"study.metric={conf.study.metric} was not measured (eval loss needs a test split "
             f"and train.eval_strategy other than 'no')"
         )
+
+    # The adapter first: a run whose adapter could not be saved is FAILED with no scores.
+    with phases("save"):
+        adapter_dir = out_dir / "adapter"
+        model.save_pretrained(adapter_dir)  # safetensors
+        tokenizer.save_pretrained(adapter_dir)
+        if conf.tracking.log_adapter:
+            tracker.log_artifacts(adapter_dir, "adapter")
+
+    with phases("record"):
+        tracker.log_metrics(metrics)
+        tracker.set_tags({"peak_memory_kind": peak_kind})
+        samples = [
+            {"question": q, "reference": r, "base_answer": b, "tuned_answer": t}
+            for q, r, b, t in zip(questions, references, base_answers, tuned_answers)
+        ]
+        tracker.log_table(samples[: conf.eval.num_samples], "samples.json")
+
     return TrialResult(
         objective=_objective(conf, metrics),
         metrics=metrics,

@@ -6,6 +6,7 @@ with overrides (as the command line would) and call the core directly.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,13 @@ def make_cfg(tmp_path, cache_dir):
         return compose_cfg([*base, *(FAST if fast else []), *overrides], tmp_path / "run")
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _fresh_base_per_test():
+    """Each test starts with no base model kept from another test's trial (a test that
+    holds a tuned model keeps it intact: forgetting the base does not unload its adapter)."""
+    yield
+    modeling = sys.modules.get("finqa_exp.modeling")
+    if modeling is not None:
+        modeling.shared_base.clear()

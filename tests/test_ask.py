@@ -51,7 +51,7 @@ def with_adapter(cfg, source: Path):
     conf = validate(cfg)
     base = modeling.load_base_model(source, conf.model, conf.quant, torch.device("cpu"))
     torch.manual_seed(1)
-    model = modeling.add_lora(base, conf.lora, conf.model, conf.quant.load_in_4bit)
+    model = modeling.add_lora(base, conf.lora, False, conf.quant.load_in_4bit)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -217,3 +217,58 @@ def test_hub_preset_runs_the_hub_code_path(make_cfg, monkeypatch, cache_dir):
     targets = {n.split(".")[-4] for n, _ in result.model.named_parameters() if "lora_A" in n}
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert result.metrics["train_steps"] == 3
+
+
+class FailAtStep:
+    """A Trainer callback that breaks a trial mid-training (``train.callbacks``)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __getattr__(self, name):  # every other TrainerCallback event: do nothing
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")
+
+
+def test_later_trials_reuse_the_loaded_base_and_match_a_fresh_load(make_cfg):
+    """A sweep's trials share one loaded 4-bit base: each adds its adapter, the next takes it
+    out. A trial after others (one of them failed mid-training) scores exactly as the same
+    trial on a freshly loaded base."""
+    first = execute(make_cfg("tracking=none", "train.epochs=1"))
+    base = modeling.shared_base.model
+    fail = "+train.callbacks.fail={_target_: tests.test_trial.FailAtStep, step: 2}"
+    with pytest.raises(RuntimeError, match="injected failure at step 2"):
+        execute(make_cfg("tracking=none", "train.epochs=1", "lora.r=4", fail))
+    other = execute(make_cfg("tracking=none", "train.epochs=1", "train.learning_rate=3e-4"))
+    again = execute(make_cfg("tracking=none", "train.epochs=1"))
+
+    assert modeling.shared_base.model is base  # never loaded again
+    assert other.metrics["time_load_s"] < first.metrics["time_load_s"]
+    assert other.objective != first.objective
+    for key in ("eval_loss", "final_train_loss", "rouge1", "rouge2", "rougeL"):
+        assert again.metrics[key] == first.metrics[key], key
+    assert again.samples == first.samples
+    # Once its adapter is out, the shared base holds exactly the weights it was loaded with.
+    assert modeling.shared_base.remove_adapter()
+    conf = validate(make_cfg())
+    source = modeling.build_tiny_base(
+        conf.model.tiny, data_lib.load_splits(conf.data).train, conf.paths.cache_dir
+    )
+    fresh = modeling.load_base_model(source, conf.model, conf.quant, torch.device("cpu"))
+    kept = dict(base.named_parameters())
+    assert kept.keys() == dict(fresh.named_parameters()).keys()
+    for name, param in fresh.named_parameters():
+        assert torch.equal(kept[name].data, param.data), name
+
+
+def test_phase_times_add_up_and_overhead_is_their_complement():
+    from finqa_exp.trial import phase_metrics
+
+    timings = phase_metrics({"load": 1.0, "train": 6.0, "generate_tuned": 2.0, "save": 0.5}, 10.0)
+    assert timings["time_train_s"] == 6.0 and timings["trial_time_s"] == 10.0
+    assert timings["overhead_share"] == pytest.approx(0.2)  # (10 - 6 - 2) / 10
