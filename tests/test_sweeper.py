@@ -340,12 +340,25 @@ def test_trial_job_binds_its_trial_only_while_it_runs(monkeypatch):
     assert study.trials[number].intermediate_values == {0: 0.5}
 
 
-def test_release_memory_empties_the_cuda_cache_only_if_torch_is_loaded(monkeypatch):
-    emptied = []
-    cuda = types.SimpleNamespace(is_available=lambda: True, empty_cache=lambda: emptied.append(1))
-    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+def test_release_memory_collects_and_empties_the_cuda_cache_only_on_a_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sw.gc, "collect", lambda: calls.append("collect"))
+
+    def fake_torch(gpu: bool):
+        cuda = types.SimpleNamespace(
+            is_available=lambda: gpu,
+            is_initialized=lambda: gpu,
+            empty_cache=lambda: calls.append("empty_cache"),
+        )
+        return types.SimpleNamespace(cuda=cuda)
+
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(gpu=True))
     sw.release_memory()
-    assert emptied == [1]
+    assert calls == ["collect", "empty_cache"]
+    calls.clear()
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(gpu=False))
+    sw.release_memory()
+    assert calls == []  # a CPU run skips the full collection (seconds per sweep)
     monkeypatch.delitem(sys.modules, "torch")
     sw.release_memory()
     assert "torch" not in sys.modules  # never imported just to clean up
