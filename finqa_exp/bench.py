@@ -1,0 +1,462 @@
+"""Benchmark: our trial and sweep against the seed project's recipe, side by side in one run.
+
+    python -m finqa_exp.bench                 # about 10 minutes on 2 CPU cores
+    python -m finqa_exp.bench quick=true      # small sizes, to check it runs (the test)
+    python -m finqa_exp.bench 'sections=[train,eval]'
+
+On a CPU it measures the offline tiny model; on a GPU the training, evaluation and memory
+rows use a TinyLlama-shaped model initialised at random (no download), 4-bit NF4. Each
+pair is measured in this run, one after the other on the same data and model, and every
+ratio is computed from those two measurements. Rows this machine cannot measure (the GPU
+rows on a CPU) say so. Writes ``${paths.reports_dir}/bench/bench_<cpu|cuda>.md`` and
+``.json`` with the machine described. Config: ``conf/bench.yaml``.
+
+Sections: padding (share of padding at 512), train (real tokens/s, ours vs the seed recipe;
+GPU: peak memory and MFU), eval (answers/s, batched vs one at a time), sweep (the default
+sweep with the pruner on vs off: compute spent, best objective, and the per-trial overhead),
+trial (one cold ``python -m finqa_exp``: the overhead a single run pays).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from finqa_exp.config import ConfigError, ModelConfig, PathsConfig, QuantConfig, register_configs
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("padding", "train", "eval", "sweep", "trial")
+# Small runs for quick=true: they check the benchmark end to end, not the targets.
+QUICK = {
+    "train_examples": 24,
+    "eval_questions": 6,
+    "max_new_tokens": 8,
+    "sweep_trials": 2,
+    "sweep_seeds": [0],
+}
+QUICK_TRIAL = ["train.epochs=1", "eval.max_questions=4", "eval.max_new_tokens=8"]
+
+
+@dataclass
+class BenchConfig:
+    """``conf/bench.yaml``: what to measure, and how much of it."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    quick: bool = False
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
+    # Training pair: one epoch over this many training examples, ours and the seed's.
+    train_examples: int = 160
+    # Evaluation pair: greedy answers to this many test questions.
+    eval_questions: int = 32
+    max_new_tokens: int = 64
+    eval_batch_size: int = 16
+    # Sweep pair: the default sweep with and without its pruner, for each sampler seed.
+    sweep_trials: int = 8
+    sweep_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    out_dir: str = "reports/bench"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.sections) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"sections: unknown {unknown}; choose from {list(SECTIONS)}")
+        for key in ("train_examples", "eval_questions", "max_new_tokens", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.sweep_trials < 2 or not self.sweep_seeds:
+            raise ConfigError("sweep_trials must be >= 2 and sweep_seeds not empty")
+        if self.quick:
+            for key, value in QUICK.items():
+                setattr(self, key, value)
+
+
+register_configs()
+ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def ratio(ours: float | None, baseline: float | None) -> float | None:
+    """``ours / baseline``, or None when either was not measured."""
+    if ours is None or baseline is None or baseline == 0:
+        return None
+    return ours / baseline
+
+
+def row(
+    name: str,
+    device: str,
+    model: str,
+    unit: str,
+    ours: float | None,
+    baseline: float | None,
+    value: float | None,
+    target: str,
+    met: bool | None,
+    note: str = "",
+) -> dict[str, Any]:
+    """One line of the table. ``value`` is the figure judged against ``target``."""
+    return {
+        "measurement": name,
+        "device": device,
+        "model": model,
+        "unit": unit,
+        "ours": ours,
+        "baseline": baseline,
+        "value": value,
+        "target": target,
+        "met": met,
+        "note": note,
+    }
+
+
+def not_measured(name: str, device: str, model: str, target: str, why: str) -> dict[str, Any]:
+    return row(name, device, model, "", None, None, None, target, None, f"not measured: {why}")
+
+
+def training_rows(pair: dict[str, Any], device: str, model: str) -> list[dict[str, Any]]:
+    ours, seed = pair["ours"], pair["seed"]
+    speedup = ratio(ours["real_tokens_per_s"], seed["real_tokens_per_s"])
+    rows = [
+        row(
+            "training: real tokens/s, ours vs seed recipe (x)",
+            device,
+            model,
+            "tokens/s",
+            ours["real_tokens_per_s"],
+            seed["real_tokens_per_s"],
+            speedup,
+            ">= 3",
+            speedup is not None and speedup >= 3,
+            f"{pair['examples']} examples, 1 epoch each, {ours['real_tokens']} real tokens",
+        )
+    ]
+    if seed["peak_memory_mb"] is not None:
+        rows.append(
+            row(
+                "peak GPU memory: seed workload (batch 8 x 512, r=16) vs ours (MiB)",
+                device,
+                model,
+                "MiB",
+                ours["peak_memory_mb"],
+                seed["peak_memory_mb"],
+                seed["peak_memory_mb"],
+                "report (seed: ~12 GB)",
+                None,
+            )
+        )
+    if "mfu" in pair:
+        rows.append(
+            row(
+                "MFU: 4 x params FLOPs per real token / measured bf16 peak",
+                device,
+                model,
+                "share",
+                pair["mfu"]["ours"],
+                pair["mfu"]["seed"],
+                pair["mfu"]["ours"],
+                "report",
+                None,
+                f"peak {pair['mfu']['peak_tflops']:.0f} TFLOP/s measured",
+            )
+        )
+    return rows
+
+
+def eval_rows(pair: dict[str, Any], device: str, model: str) -> list[dict[str, Any]]:
+    speedup = ratio(pair["batched"]["answers_per_s"], pair["single"]["answers_per_s"])
+    on_gpu = device == "cuda"
+    return [
+        row(
+            f"evaluation: answers/s, batched ({pair['batch_size']}) vs one at a time (x)",
+            device,
+            model,
+            "answers/s",
+            pair["batched"]["answers_per_s"],
+            pair["single"]["answers_per_s"],
+            speedup,
+            ">= 10 (GPU)" if on_gpu else "report (target is for GPU)",
+            (speedup is not None and speedup >= 10) if on_gpu else None,
+            f"{pair['questions']} questions, up to {pair['max_new_tokens']} new tokens; "
+            f"{pair['same_answers']:.0%} identical answers",
+        )
+    ]
+
+
+def sweep_rows(runs: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """Pruning's saving and the best objective each way, per seed; the noise between seeds
+    (two seeds without pruning) is the tolerance for "equal"."""
+    on = [r for r in runs if r["pruner"]]
+    off = [r for r in runs if not r["pruner"]]
+    spent_on = sum(r["trial_seconds"] for r in on)
+    spent_off = sum(r["trial_seconds"] for r in off)
+    saving = 1 - spent_on / spent_off
+    best_on = [r["best"] for r in on]
+    best_off = [r["best"] for r in off]
+    noise = max(best_off) - min(best_off) if len(best_off) > 1 else None
+    gap = max(abs(a - b) for a, b in zip(best_on, best_off))
+    seeds = [r["seed"] for r in on]
+    return [
+        row(
+            "sweep: trial compute saved by pruning",
+            device,
+            "tiny",
+            "s",
+            spent_on,
+            spent_off,
+            saving,
+            ">= 0.40",
+            saving >= 0.40,
+            f"seeds {seeds}, {on[0]['n_trials']} trials each; trial wall seconds summed",
+        ),
+        row(
+            "sweep: best ROUGE-L, pruner on vs off (largest gap over seeds)",
+            device,
+            "tiny",
+            "rougeL",
+            sum(best_on) / len(best_on),
+            sum(best_off) / len(best_off),
+            gap,
+            "<= noise of two seeds" + (f" ({noise:.4f})" if noise is not None else ""),
+            (gap <= noise) if noise is not None else None,
+            "noise: spread of the best over seeds without pruning"
+            if noise is not None
+            else "one seed: no noise estimate",
+        ),
+    ]
+
+
+def overhead_rows(
+    sweep_overhead: dict[str, Any] | None, cold: dict[str, Any] | None, device: str
+) -> list[dict[str, Any]]:
+    rows = []
+    if sweep_overhead is not None:
+        later = sweep_overhead["later_trials_median"]
+        rows.append(
+            row(
+                "overhead: share of a sweep trial outside training and generation",
+                device,
+                "tiny",
+                "share",
+                later,
+                None,
+                later,
+                "<= 0.05",
+                later is not None and later <= 0.05,
+                f"median of trials 1..n (base reused); trial 0 (loads the base): "
+                f"{sweep_overhead['first_trial']:.3f}; whole sweep command incl. startup: "
+                f"{sweep_overhead['whole_command']:.3f}",
+            )
+        )
+    if cold is not None:
+        rows.append(
+            row(
+                "overhead: one cold `python -m finqa_exp` (process start, imports, loading)",
+                device,
+                "tiny",
+                "share",
+                cold["overhead_share_of_command"],
+                None,
+                cold["overhead_share_of_command"],
+                "report",
+                None,
+                f"command {cold['command_seconds']:.1f} s, training + generation "
+                f"{cold['work_seconds']:.1f} s; inside the trial function "
+                f"{cold['overhead_share_in_trial']:.3f}",
+            )
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def measure(bc: BenchConfig) -> dict[str, Any]:
+    """Run the chosen sections; returns the machine, the raw measurements and the rows."""
+    import torch
+
+    from finqa_exp import bench_measure as m
+    from finqa_exp import data as data_lib
+    from finqa_exp import modeling
+
+    dev = modeling.device()
+    device = dev.type
+    cache = Path(bc.paths.cache_dir)
+    source, splits = m.tiny_setup(cache)
+    template = "### Question: {question}\n\n### Answer: "
+    results: dict[str, Any] = {"machine": m.machine(dev), "config": asdict(bc), "raw": {}}
+    rows: list[dict[str, Any]] = []
+    raw = results["raw"]
+
+    model_name = "tiny"
+    if device == "cuda" and {"train", "eval", "padding"} & set(bc.sections):
+        # The GPU rows: TinyLlama's shape, random weights, a BPE tokenizer from our data.
+        texts = modeling.pretraining_texts(splits.train)
+        tokenizer = modeling.train_tokenizer(texts, m.TINYLLAMA_SHAPE["vocab_size"])
+        source = m.random_llama(tokenizer, cache / "bench" / "tinyllama_shape")
+        model_name = "TinyLlama shape (random)"
+    needs_model = {"train", "eval", "padding"} & set(bc.sections)
+    if needs_model:
+        tokenizer, base, _ = modeling.shared_base.get(source, ModelConfig(), QuantConfig(), dev)
+        key = f"bench-{source}"
+        train_ds = data_lib.tokenize(tokenizer, template, splits.train, 512, f"train-{key}")
+
+    if "padding" in bc.sections:
+        lengths = [len(x) for x in train_ds["input_ids"]]
+        mean_len = sum(lengths) / len(lengths)
+        share = m.padding_share(lengths, m.SEED_MAX_LENGTH)
+        raw["padding_share"] = share
+        rows.append(
+            row(
+                "padding share of the training data at max length 512",
+                device,
+                model_name,
+                "share",
+                None,
+                None,
+                share,
+                "report",
+                None,
+                f"{len(train_ds)} examples, {mean_len:.0f} tokens on average",
+            )
+        )
+    if "train" in bc.sections:
+        subset = train_ds.select(range(min(bc.train_examples, len(train_ds))))
+        log.info("training pair: %d examples, ours then the seed recipe", len(subset))
+        pair = m.training_pair(base, tokenizer, subset, dev)
+        if device == "cuda":
+            peak = m.bf16_peak_flops(dev)
+            params = m.count_params(base)
+            pair["mfu"] = {
+                "peak_tflops": peak / 1e12,
+                "params": params,
+                **{
+                    side: pair[side]["real_tokens_per_s"] * 4 * params / peak
+                    for side in ("ours", "seed")
+                },
+            }
+        raw["train"] = pair
+        rows += training_rows(pair, device, model_name)
+    if device != "cuda":
+        rows.append(
+            not_measured(
+                "training, peak memory and MFU on GPU", "cuda", "TinyLlama shape", ">= 3", "no GPU"
+            )
+        )
+    if "eval" in bc.sections:
+        questions = [p.question for p in splits.test[: bc.eval_questions]]
+        log.info("evaluation pair: %d questions, batched then one at a time", len(questions))
+        torch.manual_seed(0)
+        model = modeling.add_lora(base, m.SEED_LORA, gradient_checkpointing=False, quantized=True)
+        pair = m.eval_pair(
+            model, tokenizer, template, questions, bc.max_new_tokens, bc.eval_batch_size, dev
+        )
+        modeling.remove_lora(model)
+        raw["eval"] = pair
+        rows += eval_rows(pair, device, model_name)
+    if device != "cuda":
+        rows.append(not_measured("evaluation on GPU", "cuda", "TinyLlama shape", ">= 10", "no GPU"))
+    modeling.shared_base.clear()
+
+    sweep_overhead = cold = None
+    extra = QUICK_TRIAL if bc.quick else []
+    with tempfile.TemporaryDirectory(prefix="finqa-bench-") as tmp:
+        root = Path(tmp)
+        if "sweep" in bc.sections:
+            runs = []
+            for seed in bc.sweep_seeds:
+                for pruner in (True, False):
+                    name = f"bench_seed{seed}_{'pruned' if pruner else 'full'}"
+                    log.info("sweep %s: %d trials", name, bc.sweep_trials)
+                    runs.append(
+                        m.sweep_run(root, cache, name, seed, bc.sweep_trials, pruner, extra)
+                    )
+            raw["sweeps"] = runs
+            rows += sweep_rows(runs, device)
+            sweep_overhead = m.overhead_of_sweep(next(r for r in runs if not r["pruner"]))
+            raw["sweep_overhead"] = sweep_overhead
+        if "trial" in bc.sections:
+            log.info("one cold trial: python -m finqa_exp")
+            cold = m.cold_trial(root, cache, extra)
+            raw["cold_trial"] = cold
+    rows += overhead_rows(sweep_overhead, cold, device)
+    results["rows"] = rows
+    return results
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        f"# finqa-exp benchmark ({machine['device']})",
+        "",
+        "Each ratio comes from two measurements taken one after the other in this run.",
+        "",
+        "| measurement | device | model | ours | baseline | value | target | met | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        cells = [r["measurement"], r["device"], r["model"], _fmt(r["ours"]), _fmt(r["baseline"])]
+        cells += [_fmt(r["value"]), r["target"], met, r["note"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in machine.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if results["machine"]["device"].startswith("cuda") else "cpu"
+    md, js = out_dir / f"bench_{device}.md", out_dir / f"bench_{device}.json"
+    md.write_text(to_markdown(results), encoding="utf-8")
+    js.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    return md, js
+
+
+def to_config(cfg: DictConfig) -> BenchConfig:
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
+    assert isinstance(obj, BenchConfig)
+    return obj
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    try:
+        bc = to_config(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    results = measure(bc)
+    md, js = write(results, Path(bc.out_dir))
+    print(to_markdown(results))
+    print(f"written: {md} and {js}")
+
+
+if __name__ == "__main__":
+    main()

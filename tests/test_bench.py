@@ -1,0 +1,121 @@
+"""The benchmark: it runs end to end (small sizes), and every ratio it prints is computed
+from the measurements it took in that run. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finqa_exp import bench
+from finqa_exp.bench_measure import padding_share
+from finqa_exp.config import ConfigError, PathsConfig
+
+
+def test_padding_share_counts_what_padding_to_max_length_adds():
+    # 100 real tokens + 412 padding; a 700-token example is truncated to 512 (no padding).
+    assert padding_share([100, 700], 512) == pytest.approx(412 / 1024)
+
+
+def sweep(seed, pruner, seconds, best):
+    trials = [{"seconds": s, "state": "COMPLETE", "work_seconds": s * 0.9} for s in seconds]
+    return {
+        "seed": seed,
+        "pruner": pruner,
+        "n_trials": len(seconds),
+        "trial_seconds": sum(seconds),
+        "best": best,
+        "trials": trials,
+    }
+
+
+def test_sweep_rows_judge_saving_and_best_against_the_noise_of_two_seeds():
+    runs = [
+        sweep(0, True, [10, 10, 2, 2], 0.30),
+        sweep(0, False, [10, 10, 10, 10], 0.31),
+        sweep(1, True, [10, 10, 10, 2], 0.28),
+        sweep(1, False, [10, 10, 10, 10], 0.27),
+    ]
+    saving, best = bench.sweep_rows(runs, "cpu")
+    assert saving["value"] == pytest.approx(1 - 56 / 80) and saving["met"] is False
+    assert best["value"] == pytest.approx(0.01)  # largest |on - off| over the seeds
+    assert "0.0400" in best["target"] and best["met"] is True  # noise: 0.31 - 0.27
+
+
+def test_bad_bench_config_is_an_error():
+    with pytest.raises(ConfigError, match="unknown"):
+        bench.BenchConfig(sections=["train", "nope"])
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path, cache_dir):
+    paths = PathsConfig(
+        root_dir=str(tmp_path), cache_dir=str(cache_dir), reports_dir=str(tmp_path / "r")
+    )
+    bc = bench.BenchConfig(paths=paths, quick=True, out_dir=str(tmp_path / "bench"))
+    results = bench.measure(bc)
+    md, js = bench.write(results, tmp_path / "bench")
+    saved = json.loads(js.read_text())
+    print(md.read_text())
+
+    raw = saved["raw"]
+
+    def find(start: str) -> dict:
+        (found,) = [r for r in saved["rows"] if r["measurement"].startswith(start)]
+        return found
+
+    assert saved["machine"]["cpu_cores"] >= 1 and saved["machine"]["version.torch"]
+
+    train = find("training: real tokens/s")
+    ours, seed = raw["train"]["ours"], raw["train"]["seed"]
+    assert ours["real_tokens"] == seed["real_tokens"] > 0  # the same examples, both sides
+    assert train["ours"] == ours["real_tokens"] / ours["seconds"]
+    assert train["value"] == train["ours"] / train["baseline"]
+
+    ev = find("evaluation: answers/s")
+    assert (
+        ev["value"]
+        == raw["eval"]["batched"]["answers_per_s"] / raw["eval"]["single"]["answers_per_s"]
+    )
+
+    runs = raw["sweeps"]
+    assert [(r["seed"], r["pruner"]) for r in runs] == [(0, True), (0, False)]
+    for run in runs:
+        assert len(run["trials"]) == 2 and all(t["seconds"] > 0 for t in run["trials"])
+        assert run["trial_seconds"] == sum(t["seconds"] for t in run["trials"])
+    saving = find("sweep: trial compute saved")
+    assert saving["value"] == 1 - runs[0]["trial_seconds"] / runs[1]["trial_seconds"]
+
+    cold = raw["cold_trial"]
+    assert 0 < cold["work_seconds"] < cold["command_seconds"]
+    assert find("overhead: one cold")["value"] == cold["overhead_share_of_command"]
+    later = raw["sweep_overhead"]["later_trials_median"]
+    assert find("overhead: share of a sweep trial")["value"] == later
+
+    # No GPU here: its rows say so instead of guessing.
+    gpu = [r for r in saved["rows"] if r["device"] == "cuda"]
+    assert gpu and all(r["value"] is None and "not measured" in r["note"] for r in gpu)
+    assert "| measurement |" in md.read_text()
+
+
+def test_random_llama_has_the_shape_and_the_parameter_count_used_for_mfu(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finqa_exp.bench_measure import count_params, random_llama
+    from finqa_exp.modeling import train_tokenizer
+
+    tokenizer = train_tokenizer(["a bond pays interest", "a stock is a share"] * 20, 300)
+    # TinyLlama's proportions (grouped-query attention, untied embeddings), scaled down.
+    shape = {
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "vocab_size": 320,
+    }
+    folder = random_llama(tokenizer, tmp_path / "llama", shape)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.num_key_value_heads == 2 and model.config.hidden_size == 64
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
