@@ -29,9 +29,16 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from finqa_exp.config import ConfigError, ModelConfig, PathsConfig, QuantConfig, register_configs
+from finqa_exp.config import (
+    ConfigError,
+    ModelConfig,
+    PathsConfig,
+    QuantConfig,
+    register_configs,
+    typed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -434,21 +441,10 @@ def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     return md, js
 
 
-def to_config(cfg: DictConfig) -> BenchConfig:
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except Exception as err:
-        raise ConfigError(str(err).splitlines()[0]) from err
-    assert isinstance(obj, BenchConfig)
-    return obj
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     try:
-        bc = to_config(cfg)
+        bc = typed(cfg, BenchConfig)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

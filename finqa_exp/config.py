@@ -14,10 +14,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -430,6 +432,19 @@ def validate(cfg: DictConfig | FinqaConfig) -> FinqaConfig:
     if not isinstance(obj, FinqaConfig):
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FinqaConfig), cfg))
     assert isinstance(obj, FinqaConfig)
+    return obj
+
+
+def typed(cfg: DictConfig, schema: type[T]) -> T:
+    """A composed config as its dataclass ``schema`` (running its range checks), or a
+    ConfigError naming the first problem. For the entry points other than the trial's."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # omegaconf validation (type, missing value)
+        raise ConfigError(str(err).splitlines()[0]) from err
+    assert isinstance(obj, schema)
     return obj
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from finqa_exp.config import ConfigError, PathsConfig, TrackingConfig
+from finqa_exp.config import ConfigError, PathsConfig, TrackingConfig, typed
 from finqa_exp.report_data import ReportError, StudyData, load_study_data, open_study, study_names
 from finqa_exp.report_numbers import best_so_far, loss_curves
 from finqa_exp.report_render import to_html, to_markdown
@@ -194,24 +194,13 @@ def write_report(rc: ReportConfig) -> Path:
     return target
 
 
-def to_config(cfg: DictConfig) -> ReportConfig:
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except Exception as err:
-        raise ConfigError(str(err).splitlines()[0]) from err
-    assert isinstance(obj, ReportConfig)
-    return obj
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        folder = write_report(to_config(cfg))
+        folder = write_report(typed(cfg, ReportConfig))
     except (ReportError, ConfigError, TrackingError) as err:
         log.debug("no report", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
