@@ -248,7 +248,6 @@ def test_later_trials_reuse_the_loaded_base_and_match_a_fresh_load(make_cfg):
     again = execute(make_cfg("tracking=none", "train.epochs=1"))
 
     assert modeling.shared_base.model is base  # never loaded again
-    assert other.metrics["time_load_s"] < first.metrics["time_load_s"]
     assert other.objective != first.objective
     for key in ("eval_loss", "final_train_loss", "rouge1", "rouge2", "rougeL"):
         assert again.metrics[key] == first.metrics[key], key
