@@ -34,7 +34,7 @@ from optuna.trial import TrialState, create_trial
 import hydra_plugins.finqa_optuna_sweeper.finqa_optuna_sweeper  # noqa: F401  (registers configs)
 from finqa_exp import search_space as ss
 from finqa_exp import study_book as book
-from finqa_exp import study_setup
+from finqa_exp import study_setup, sweep_job
 from finqa_exp import sweeper as sw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,7 +342,7 @@ def test_trial_job_binds_its_trial_only_while_it_runs(monkeypatch):
 
 def test_release_memory_collects_and_empties_the_cuda_cache_only_on_a_gpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(sw.gc, "collect", lambda: calls.append("collect"))
+    monkeypatch.setattr(sweep_job.gc, "collect", lambda: calls.append("collect"))
 
     def fake_torch(gpu: bool):
         cuda = types.SimpleNamespace(
@@ -353,14 +353,14 @@ def test_release_memory_collects_and_empties_the_cuda_cache_only_on_a_gpu(monkey
         return types.SimpleNamespace(cuda=cuda)
 
     monkeypatch.setitem(sys.modules, "torch", fake_torch(gpu=True))
-    sw.release_memory()
+    sweep_job.release_memory()
     assert calls == ["collect", "empty_cache"]
     calls.clear()
     monkeypatch.setitem(sys.modules, "torch", fake_torch(gpu=False))
-    sw.release_memory()
+    sweep_job.release_memory()
     assert calls == []  # a CPU run skips the full collection (seconds per sweep)
     monkeypatch.delitem(sys.modules, "torch")
-    sw.release_memory()
+    sweep_job.release_memory()
     assert "torch" not in sys.modules  # never imported just to clean up
 
 

@@ -1,0 +1,206 @@
+"""Reading runs back: the MLflow store by run id, and the study champions it registers.
+
+Reports (``python -m finqa_exp.report``, finqa_exp/report_data.py) and ``python -m
+finqa_exp.ask`` read the store through :class:`RunStore`; the sweep registers each study's
+best adapter with :func:`register_study_champion`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finqa_exp.tracking import TrackingError, redact
+
+CHAMPION_ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a report needs of one run: its status, params, latest metrics and tags."""
+
+    run_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Champion:
+    """A registered model version that an alias (``champion``) points at."""
+
+    model_name: str
+    version: str
+    run_id: str
+    alias: str
+    created: bool = False  # True when this call registered a new version
+
+
+class RunStore:
+    """One MLflow store read by run id: runs, metric histories, artifacts, champions.
+
+    ``uri`` is ``tracking.uri``; the Model Registry is kept in the same store (an SQLite
+    file or a tracking server both hold one).
+    """
+
+    def __init__(self, uri: str):
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        # Reading must not create a store: MLflow would make an empty database and say
+        # nothing is in it, hiding a wrong path.
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            raise TrackingError(f"tracking.uri={uri}: no MLflow store there")
+        # Reports and `ask` print their own results; MLflow's download bars would bury them.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        try:
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        except Exception as err:
+            raise TrackingError(f"tracking.uri={redact(uri)}: cannot open: {err}") from err
+
+    def run(self, run_id: str) -> RunRecord | None:
+        """The run, or None if the store has no such run (deleted, or another store)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return RunRecord(
+            run_id=run.info.run_id,
+            status=run.info.status,
+            params=dict(run.data.params),
+            metrics=dict(run.data.metrics),
+            tags=dict(run.data.tags),
+        )
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of every logged value of a metric, by step (last write wins)."""
+        points = sorted(
+            self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)
+        )
+        return sorted({m.step: m.value for m in points}.items())
+
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        parent, _, _ = path.rpartition("/")
+        try:
+            listed = self.client.list_artifacts(run_id, parent or None)
+        except Exception:  # artifact store gone (moved or deleted folder)
+            return False
+        return any(item.path == path for item in listed)
+
+    def download(self, run_id: str, path: str, dst: str | Path) -> Path:
+        """Copy an artifact file or folder of the run into ``dst``; returns its local path."""
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+    def text(self, run_id: str, path: str) -> str | None:
+        """A text artifact (``config.yaml``), or None if the run has none."""
+        import tempfile
+
+        if not self.has_artifact(run_id, path):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.download(run_id, path, tmp).read_text(encoding="utf-8")
+
+    def table(self, run_id: str, path: str) -> list[dict[str, Any]]:
+        """Rows of a table logged with ``log_table`` (``samples.json``); [] if absent."""
+        import json
+
+        text = self.text(run_id, path)
+        if text is None:
+            return []
+        table = json.loads(text)
+        return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+    # ------------------------------------------------------------------------- registry
+
+    def champion(self, model_name: str, alias: str = CHAMPION_ALIAS) -> Champion | None:
+        """The version ``alias`` points at, or None (no such model, or no alias yet)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            version = self.client.get_model_version_by_alias(model_name, alias)
+        except MlflowException:
+            return None
+        return Champion(model_name, str(version.version), version.run_id, alias)
+
+    def champions(self, alias: str = CHAMPION_ALIAS) -> list[Champion]:
+        """Every registered model that has ``alias``, by name."""
+        found = []
+        for model in self.client.search_registered_models():
+            if alias in (model.aliases or {}):
+                champ = self.champion(model.name, alias)
+                if champ is not None:
+                    found.append(champ)
+        return sorted(found, key=lambda c: c.model_name)
+
+    def register_champion(
+        self,
+        model_name: str,
+        run_id: str,
+        artifact_path: str = "adapter",
+        alias: str = CHAMPION_ALIAS,
+        tags: dict[str, str] | None = None,
+    ) -> Champion:
+        """Point ``alias`` of ``model_name`` at the run's ``artifact_path``; idempotent.
+
+        Nothing is written when the alias already points at this run; a run registered
+        before (the champion moved away and back) gets its old version again, so versions
+        stay one per run.
+        """
+        current = self.champion(model_name, alias)
+        if current is not None and current.run_id == run_id:
+            return current
+        if not self.has_artifact(run_id, artifact_path):
+            raise TrackingError(f"run {run_id} has no '{artifact_path}' artifact to register")
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(
+                model_name, description="Best LoRA adapter of a finqa-exp study"
+            )
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        quoted = model_name.replace("'", "\\'")
+        earlier = self.client.search_model_versions(
+            f"name = '{quoted}' and run_id = '{run_id}'", order_by=["version_number ASC"]
+        )
+        if earlier:
+            version, created = str(earlier[0].version), False
+        else:
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+            mv = self.client.create_model_version(model_name, source, run_id=run_id, tags=tags)
+            version, created = str(mv.version), True
+        self.client.set_registered_model_alias(model_name, alias, version)
+        return Champion(model_name, version, run_id, alias, created)
+
+
+def champion_name(template: str, study_name: str) -> str:
+    """Registered model name for a study: ``{study}`` in ``template`` is its name."""
+    return template.replace("{study}", study_name)
+
+
+def register_study_champion(
+    uri: str, study: Any, template: str = "{study}", alias: str = CHAMPION_ALIAS
+) -> Champion | None:
+    """Register the adapter of the study's best complete trial; None if it has none."""
+    try:
+        best = study.best_trial
+    except (ValueError, RuntimeError):  # no complete trial, or a multi-objective study
+        return None
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if run_id is None:
+        return None
+    tags = {
+        "study": study.study_name,
+        "trial_number": str(best.number),
+        "objective": repr(float(best.value)),
+    }
+    return RunStore(uri).register_champion(
+        champion_name(template, study.study_name), run_id, alias=alias, tags=tags
+    )

@@ -1,0 +1,161 @@
+"""The sweep's MLflow parent run: one per Optuna study, each trial's run its child.
+
+A Hydra sweeper callback (``hydra.sweeper.callbacks`` in conf/search/default.yaml); run by
+``python -m finqa_exp -m``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from finqa_exp.config import TrackingConfig
+from finqa_exp.tracking import FAILED, FINISHED, KILLED, MlflowTracker
+from finqa_exp.tracking.store import register_study_champion
+
+log = logging.getLogger(__name__)
+
+
+class StudyRun:
+    """Sweeper callback: one MLflow parent run per Optuna study, trials as its children.
+
+    The parent run id is kept in the study's user attributes, so trial jobs in other
+    processes (and later re-runs of the sweep) find it. At the start of every sweep process
+    it also closes MLflow runs that a killed sweep left RUNNING, with the status their
+    trial ended with; at the end it logs the best value and the trial counts, and registers
+    the best trial's adapter as ``registered_model`` (``{study}``: the study's name) with
+    alias ``champion_alias`` (null ``registered_model``: no registration). Used from
+    ``conf/search/default.yaml``::
+
+        hydra.sweeper.callbacks: [{_target_: finqa_exp.tracking.StudyRun, ...}]
+    """
+
+    PARENT_ATTR = "mlflow_parent_run_id"
+
+    def __init__(
+        self,
+        backend: str = "mlflow",
+        uri: str = "sqlite:///mlflow.db",
+        experiment_name: str = "finqa",
+        artifact_location: str | None = None,
+        registered_model: str | None = "{study}",
+        champion_alias: str = "champion",
+    ):
+        self.enabled = backend == "mlflow"
+        self.registered_model = registered_model
+        self.champion_alias = champion_alias
+        self.cfg = TrackingConfig(
+            backend=backend,
+            uri=uri,
+            experiment_name=experiment_name,
+            artifact_location=artifact_location,
+        )
+        self._tracker: MlflowTracker | None = None
+        self._created_parent: str | None = None
+
+    @property
+    def tracker(self) -> MlflowTracker:
+        if self._tracker is None:
+            self._tracker = MlflowTracker(self.cfg)
+        return self._tracker
+
+    def on_sweep_start(self, study: Any) -> None:
+        if not self.enabled:
+            return
+        client = self.tracker.client
+        parent = study.user_attrs.get(self.PARENT_ATTR)
+        if parent is None:
+            parent = client.create_run(
+                self.tracker.experiment_id,
+                run_name=study.study_name,
+                tags={"study": study.study_name, "optuna_role": "study"},
+            ).info.run_id
+            study.set_user_attr(self.PARENT_ATTR, parent)
+            self._created_parent = parent
+        else:
+            client.update_run(parent, status="RUNNING")
+        for trial in study.get_trials(deepcopy=False):
+            self._close_leftover(trial)
+
+    def on_trial_end(self, study: Any, trial: Any) -> None:
+        if self.enabled:
+            self._close_leftover(trial)
+
+    def on_sweep_end(self, study: Any) -> None:
+        if not self.enabled:
+            return
+        parent = study.user_attrs.get(self.PARENT_ATTR)
+        if parent is None:
+            return
+        self._merge_duplicate_parent(parent)
+        counts: dict[str, float] = {}
+        for trial in study.get_trials(deepcopy=False):
+            key = f"trials_{trial.state.name.lower()}"
+            counts[key] = counts.get(key, 0) + 1
+        self.tracker.run_id = parent
+        try:
+            best = study.best_trial
+        except ValueError:  # no complete trial (or multi-objective)
+            best = None
+        if best is not None:
+            counts["best_value"] = float(best.value)
+            counts["best_trial"] = float(best.number)
+            self.tracker.set_tags({f"best.{k}": str(v) for k, v in best.params.items()})
+            self._register(study)
+        self.tracker.log_metrics(counts)
+        self.tracker.end_run(FINISHED)
+
+    def _merge_duplicate_parent(self, parent: str) -> None:
+        """Workers that open a new study together may each create a parent run; the study
+        keeps the last one written. Move this worker's other one's children to it and
+        delete it, so the study has one parent and nothing is left RUNNING."""
+        mine = self._created_parent
+        if mine is None or mine == parent:
+            return
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        client = self.tracker.client
+        children = client.search_runs(
+            [self.tracker.experiment_id], f"tags.mlflow.parentRunId = '{mine}'"
+        )
+        for run in children:
+            client.set_tag(run.info.run_id, MLFLOW_PARENT_RUN_ID, parent)
+        client.set_terminated(mine, status=KILLED)
+        client.delete_run(mine)
+        self._created_parent = None
+
+    def _register(self, study: Any) -> None:
+        """Point the champion alias at the best trial's adapter (a tag on the parent says which)."""
+        if not self.registered_model:
+            return
+        try:
+            champ = register_study_champion(
+                self.cfg.uri, study, self.registered_model, self.champion_alias
+            )
+        except Exception:
+            # The study and its runs are already recorded; a registry hiccup must not turn a
+            # finished sweep into a failed one. `python -m finqa_exp.report` registers again.
+            log.warning("could not register the study's champion", exc_info=True)
+            return
+        if champ is not None:
+            log.info(
+                "champion: %s version %s (run %s)", champ.model_name, champ.version, champ.run_id
+            )
+            self.tracker.set_tags({"champion": f"{champ.model_name}/{champ.version}"})
+
+    def _close_leftover(self, trial: Any) -> None:
+        """End a trial's run that is still RUNNING although its trial is over."""
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        state = trial.state.name
+        if run_id is None or state in ("RUNNING", "WAITING"):
+            return
+        client = self.tracker.client
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # run deleted meanwhile: nothing to close
+            return
+        if run.info.status != "RUNNING":
+            return
+        status = {"COMPLETE": FINISHED, "PRUNED": KILLED}.get(state, FAILED)
+        client.set_tag(run_id, "optuna_state", state)
+        client.set_terminated(run_id, status=status)
