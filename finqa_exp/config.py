@@ -235,6 +235,9 @@ class TrainConfig:
     # Eval loss on the test split: at each epoch, every `eval_steps` steps, or never.
     eval_strategy: str = "epoch"
     eval_steps: int = 50
+    # With eval_strategy=epoch: evals per epoch, at equal fractions of it (2: each half
+    # epoch), so that a sweep's pruner can stop a bad trial before its first epoch ends.
+    evals_per_epoch: int = 1
     # Batches of similar length waste less compute on padding.
     group_by_length: bool = True
     # bf16/fp16 autocast on GPU; "auto" picks bf16 where supported.
@@ -278,6 +281,10 @@ class TrainConfig:
             f"train.eval_strategy must be one of {strategies}, got '{self.eval_strategy}'",
         )
         _require(self.eval_steps >= 1, f"train.eval_steps must be >= 1, got {self.eval_steps}")
+        _require(
+            self.evals_per_epoch >= 1,
+            f"train.evals_per_epoch must be >= 1, got {self.evals_per_epoch}",
+        )
         precisions = ("auto", "no", "bf16", "fp16")
         _require(
             self.mixed_precision in precisions,

@@ -2,7 +2,7 @@
 
 Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report.py), through
 finqa_exp/report_sections.py and the plots: wall time and compute by how trials ended,
-the optimizer steps and training time pruning saved, each param value's effect on the
+the training examples and time pruning saved, each param value's effect on the
 objective, base vs tuned improvement, best-so-far and the loss curves in epochs. Pure
 functions of a StudyData or its TrialRows: nothing here reads a store.
 """
@@ -46,7 +46,8 @@ def wall_time(trials: Sequence[TrialRow]) -> tuple[float, float | None]:
 
 
 def metric_sums(trials: Sequence[TrialRow]) -> list[float | None]:
-    """Sums of trial_time_s and train_time_s (only complete trials log them; None: none did)."""
+    """Sums of trial_time_s and train_time_s (None: no trial logged it). Complete trials log
+    both; pruned and failed trials of versions from 0.2 log trial_time_s."""
     sums: list[float | None] = []
     for key in ("trial_time_s", "train_time_s"):
         values = [v for t in trials if (v := t.metric(key)) is not None]
@@ -96,55 +97,77 @@ def examples_per_step(run: RunRecord) -> int:
     return int(p.get("train.batch_size", 1)) * int(p.get("train.gradient_accumulation_steps", 1))
 
 
+def examples_reported(trial: TrialRow) -> tuple[int, ...]:
+    """Training examples seen at each of the trial's reported evals.
+
+    Trials report examples seen (training.PruningCallback); studies of earlier versions
+    reported optimizer steps, converted here with the trial's examples per step.
+    """
+    if trial.step_unit == "train_examples":
+        return trial.steps_reported
+    if trial.run is None:
+        return ()
+    return tuple(s * examples_per_step(trial.run) for s in trial.steps_reported)
+
+
 def steps_per_epoch(trial: TrialRow) -> int | None:
-    """Optimizer steps of one epoch: where the Trainer first evaluates with eval each epoch."""
-    if trial.run is None or not trial.steps_reported:
+    """Optimizer steps of one epoch, as the trial logged it before training; for runs of
+    earlier versions, the first eval step when eval was each epoch. None if unknown."""
+    if trial.run is None:
         return None
-    if trial.run.params.get("train.eval_strategy") != "epoch":
-        return None
-    return trial.steps_reported[0]
+    if "steps_per_epoch" in trial.run.metrics:
+        return int(trial.run.metrics["steps_per_epoch"])
+    legacy = trial.step_unit is None and trial.steps_reported
+    if legacy and trial.run.params.get("train.eval_strategy") == "epoch":
+        return trial.steps_reported[0]
+    return None
 
 
-def planned_steps(trial: TrialRow, complete: Sequence[TrialRow]) -> int | None:
-    """Optimizer steps the trial would have run unpruned, from its own logged config.
+def planned_examples(trial: TrialRow, complete: Sequence[TrialRow]) -> int | None:
+    """Training examples the trial would have seen unpruned, from its own logged run.
 
-    max_steps when set; else, with eval each epoch, its first eval step is one epoch's
-    steps (that is where the Trainer evaluates), times train.epochs; else the train_steps
-    of a complete trial with the same examples per step and epochs. None if unknown.
+    train.max_steps x examples per step when set; else train.epochs x the training
+    examples it logged (train_examples); for runs of earlier versions that did not log
+    them, one epoch's steps (its first eval, with eval each epoch) or a complete trial's
+    train_steps with the same examples per step and epochs. None if unknown.
     """
     if trial.run is None:
         return None
-    p = trial.run.params
+    p, metrics = trial.run.params, trial.run.metrics
+    per_step = examples_per_step(trial.run)
     if int(p.get("train.max_steps", -1)) > 0:
-        return int(p["train.max_steps"])
+        return int(p["train.max_steps"]) * per_step
+    epochs = float(p["train.epochs"])
+    if "train_examples" in metrics:
+        return round(epochs * metrics["train_examples"])
     if (epoch := steps_per_epoch(trial)) is not None:
-        return math.ceil(epoch * float(p["train.epochs"]) - 1e-9)
+        return math.ceil(epoch * epochs - 1e-9) * per_step
     for other in complete:
         if (
             other.run is not None
             and "train_steps" in other.run.metrics
-            and examples_per_step(other.run) == examples_per_step(trial.run)
+            and examples_per_step(other.run) == per_step
             and other.run.params.get("train.epochs") == p.get("train.epochs")
         ):
-            return int(other.run.metrics["train_steps"])
+            return int(other.run.metrics["train_steps"]) * per_step
     return None
 
 
 @dataclass(frozen=True)
 class Savings:
-    """What pruning saved, in optimizer steps and training examples (see pruning_savings)."""
+    """What pruning saved, in training examples (see pruning_savings): the unit that costs
+    the same whatever a trial's batch size, where optimizer steps do not."""
 
     pruned: int
     known: int  # pruned trials whose full length is known
-    steps_run: int  # by those pruned trials before they stopped
-    steps_planned: int  # by those pruned trials at full length
-    steps_unpruned: int  # by every finished trial, had none been pruned
-    examples_skipped: int
+    examples_run: int  # seen by those pruned trials before they stopped
+    examples_planned: int  # by those pruned trials at full length
+    examples_unpruned: int  # by every finished trial, had none been pruned
     seconds_per_example: float | None  # mean training time per example of complete trials
 
     @property
-    def steps_skipped(self) -> int:
-        return self.steps_planned - self.steps_run
+    def examples_skipped(self) -> int:
+        return self.examples_planned - self.examples_run
 
     @property
     def seconds_saved(self) -> float | None:
@@ -154,34 +177,26 @@ class Savings:
 
 
 def pruning_savings(trials: Sequence[TrialRow]) -> Savings:
-    """Steps the pruned trials skipped (planned minus run) and the training time that is.
+    """Training examples the pruned trials skipped (planned minus seen), and the time that is.
 
-    A pruned trial ran up to its last reported eval step; its planned length comes from
-    planned_steps. Time saved is an estimate: skipped training examples times the complete
-    trials' mean train_time_s per example (train_steps x batch size x accumulation).
+    A pruned trial trained up to its last reported eval; its planned length comes from
+    planned_examples. Time saved is an estimate: skipped examples times the complete
+    trials' mean train_time_s per example trained on.
     """
     complete = [t for t in trials if t.state == "COMPLETE" and t.run is not None]
-    done_steps = [
-        int(t.run.metrics["train_steps"]) for t in complete if "train_steps" in t.run.metrics
-    ]
-    rates = [
-        t.run.metrics["train_time_s"] / (t.run.metrics["train_steps"] * examples_per_step(t.run))
-        for t in complete
-        if t.run.metrics.get("train_steps") and "train_time_s" in t.run.metrics
-    ]
+    done = [(t, planned_examples(t, complete)) for t in complete]
+    done = [(t, n) for t, n in done if n]
+    rates = [t.run.metrics["train_time_s"] / n for t, n in done if "train_time_s" in t.run.metrics]
     pruned = [t for t in trials if t.state == "PRUNED"]
-    known = [(t, planned_steps(t, complete)) for t in pruned]
-    known = [(t, n) for t, n in known if n is not None and t.steps_reported]
-    run = sum(t.steps_reported[-1] for t, _ in known)
+    known = [(examples_reported(t), planned_examples(t, complete)) for t in pruned]
+    known = [(seen[-1], n) for seen, n in known if n is not None and seen]
     planned = sum(n for _, n in known)
-    skipped = sum((n - t.steps_reported[-1]) * examples_per_step(t.run) for t, n in known)
     return Savings(
         pruned=len(pruned),
         known=len(known),
-        steps_run=run,
-        steps_planned=planned,
-        steps_unpruned=sum(done_steps) + planned,
-        examples_skipped=skipped,
+        examples_run=sum(seen for seen, _ in known),
+        examples_planned=planned,
+        examples_unpruned=sum(n for _, n in done) + planned,
         seconds_per_example=statistics.fmean(rates) if rates else None,
     )
 

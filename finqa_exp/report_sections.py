@@ -80,20 +80,19 @@ def savings_text(s: Savings) -> Text:
         return (
             f"Pruning stopped {plural(s.pruned, 'trial')}; their full length is not in the stores."
         )
-    share = s.steps_skipped / s.steps_unpruned * 100 if s.steps_unpruned else 0.0
+    share = s.examples_skipped / s.examples_unpruned * 100 if s.examples_unpruned else 0.0
     text = (
-        f"Pruning saved {plural(s.steps_skipped, 'optimizer step')}: it stopped "
-        f"{plural(s.known, 'trial')} after {s.steps_run} of the {s.steps_planned} steps they "
-        "would have run in full, which is "
-        f"{share:.0f}% of the {s.steps_unpruned} steps all finished trials would have run "
-        "unpruned (a pruned trial's full length: train.max_steps, or its first eval step "
-        "(one epoch) times train.epochs)."
+        f"Pruning saved {plural(s.examples_skipped, 'training example')}: it stopped "
+        f"{plural(s.known, 'trial')} after {s.examples_run} of the {s.examples_planned} "
+        "examples they would have trained on in full, which is "
+        f"{share:.0f}% of the {s.examples_unpruned} examples all finished trials would have "
+        "trained on unpruned (full length: train.epochs x the training examples, or "
+        "train.max_steps x the batch)."
     )
     if s.seconds_saved is not None:
         text += (
             f" At the complete trials' mean {s.seconds_per_example * 1000:.2f} ms of training "
-            f"per example, the {s.examples_skipped} examples skipped are about "
-            f"{fmt_duration(s.seconds_saved)} of training time."
+            f"per example, that is about {fmt_duration(s.seconds_saved)} of training time."
         )
     if s.known < s.pruned:
         text += f" ({plural(s.pruned - s.known, 'pruned trial')} of unknown length left out.)"

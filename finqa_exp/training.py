@@ -125,16 +125,72 @@ class MetricsCallback(TrainerCallback):
             self.tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+# Optuna user attr of a trial: the unit of the steps its intermediate values are reported at.
+STEP_UNIT = "train_examples"
+
+
+def examples_seen(epoch: float, batch_size: int, train_examples: int) -> int:
+    """Examples trained on by fractional ``epoch`` (Trainer's state.epoch: k + batches done /
+    batches per epoch, exactly k at the end of epoch k)."""
+    n = train_examples
+    whole = math.floor(epoch + 1e-9)
+    batches = round((epoch - whole) * math.ceil(n / batch_size))
+    return whole * n + min(batches * batch_size, n)
+
+
+def checkpoints_passed(seen: int, train_examples: int, per_epoch: int) -> int:
+    """How many of the points at k/per_epoch of an epoch ``seen`` examples have reached."""
+    return seen * per_epoch // train_examples
+
+
+class FractionalEpochEval(TrainerCallback):
+    """Evaluates ``per_epoch`` times an epoch, at equal fractions of it: at the first
+    optimizer step that reaches each point (the Trainer's own epoch strategy takes the
+    epoch ends)."""
+
+    def __init__(self, train_examples: int, per_epoch: int):
+        self.train_examples = train_examples
+        self.per_epoch = per_epoch
+        self.passed = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        seen = examples_seen(state.epoch or 0.0, args.train_batch_size, self.train_examples)
+        passed = checkpoints_passed(seen, self.train_examples, self.per_epoch)
+        if passed > self.passed and passed % self.per_epoch:
+            control.should_evaluate = True
+        self.passed = passed
+
+
 class PruningCallback(TrainerCallback):
     """Reports eval loss to an Optuna trial at each eval; stops the trial if the pruner says so.
+
+    The step reported is training examples, not the optimizer step: a pruner compares
+    trials at equal steps, and with a searched batch size equal optimizer steps are
+    different amounts of training (step 84 is one epoch at batch 2 and two at batch 4).
+    With evals at fractions of an epoch (``evals_per_epoch``), each is reported at its
+    point, k x train_examples / evals_per_epoch, which every batch size reports alike;
+    otherwise (eval every ``eval_steps``) at the examples seen. So pruner settings such as
+    n_warmup_steps count examples.
 
     Optuna compares intermediate values in the study's direction, so for a study that
     maximizes (ROUGE) the reported value is the negated loss.
     """
 
-    def __init__(self, trial: Any, maximize: bool):
+    def __init__(
+        self, trial: Any, maximize: bool, train_examples: int, evals_per_epoch: int | None = 1
+    ):
         self.trial = trial
         self.sign = -1.0 if maximize else 1.0
+        self.train_examples = train_examples
+        self.evals_per_epoch = evals_per_epoch
+        trial.set_user_attr("step_unit", STEP_UNIT)
+
+    def step(self, epoch: float, batch_size: int) -> int:
+        n, per_epoch = self.train_examples, self.evals_per_epoch
+        seen = examples_seen(epoch, batch_size, n)
+        if per_epoch is None:
+            return seen
+        return round(checkpoints_passed(seen, n, per_epoch) * n / per_epoch)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         import optuna
@@ -142,11 +198,19 @@ class PruningCallback(TrainerCallback):
         loss = (metrics or {}).get("eval_loss")
         if loss is None:
             return
-        self.trial.report(self.sign * float(loss), step=state.global_step)
+        step = self.step(state.epoch or 0.0, args.train_batch_size)
+        self.trial.report(self.sign * float(loss), step=step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(
-                f"pruned at step {state.global_step} with eval_loss {loss:.4f}"
+                f"pruned after {step} training examples (epoch {state.epoch:.2f}, "
+                f"step {state.global_step}) with eval_loss {loss:.4f}"
             )
+
+
+def steps_per_epoch(train_examples: int, batch_size: int, accumulation: int) -> int:
+    """Optimizer steps in one epoch, as the Trainer counts them on one device."""
+    batches = math.ceil(train_examples / batch_size)
+    return max(math.ceil(batches / accumulation), 1)
 
 
 def extra_callbacks(specs: dict[str, Any]) -> list[TrainerCallback]:
@@ -178,6 +242,9 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``model`` (a peft model) in place and return timing and loss history."""
     history = LossHistory()
+    callbacks: list[TrainerCallback] = [MetricsCallback(tracker, history)]
+    if eval_ds is not None and cfg.eval_strategy == "epoch" and cfg.evals_per_epoch > 1:
+        callbacks.append(FractionalEpochEval(len(train_ds), cfg.evals_per_epoch))
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, output_dir, dev, has_eval=eval_ds is not None),
@@ -185,7 +252,7 @@ def train(
         eval_dataset=eval_ds,
         data_collator=collator(tokenizer, dev),
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(tracker, history), *(extra_callbacks or [])],
+        callbacks=[*callbacks, *(extra_callbacks or [])],
     )
     start = time.perf_counter()
     trainer.train()

@@ -175,6 +175,14 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
         pruned = isinstance(err, optuna.TrialPruned)
         if pruned:
             status = tracking.KILLED
+        # A pruned or failed trial's time counts too (the benchmark sums compute by state).
+        timings = phase_metrics(phases.seconds, time.perf_counter() - start)
+        try:
+            if trial is not None:
+                trial.set_user_attr("timings", timings)
+            tracker.log_metrics(timings)
+        except Exception as record_err:  # the trial's own error is the one to report
+            log.warning("could not record the timings of the ended trial: %s", record_err)
         tracker.set_tags(
             {
                 "optuna_state": "PRUNED" if pruned else "FAIL",
@@ -328,9 +336,18 @@ def _train_score_save(
         "on" if checkpointing else "off",
     )
     out_dir = Path(conf.paths.output_dir)
+    # Logged before training, so that a pruned run too says how long it was to be: the
+    # report's pruning savings and epoch axes read them.
+    train_examples = len(train_ds)
+    epoch_steps = training.steps_per_epoch(
+        train_examples, conf.train.batch_size, conf.train.gradient_accumulation_steps
+    )
+    tracker.log_metrics({"train_examples": train_examples, "steps_per_epoch": epoch_steps})
     callbacks = training.extra_callbacks(conf.train.callbacks)
     if trial is not None:
-        callbacks.append(training.PruningCallback(trial, conf.study.direction == "maximize"))
+        maximize = conf.study.direction == "maximize"
+        per_epoch = conf.train.evals_per_epoch if conf.train.eval_strategy == "epoch" else None
+        callbacks.append(training.PruningCallback(trial, maximize, train_examples, per_epoch))
     with phases("train"):
         result = training.train(
             model,

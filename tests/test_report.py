@@ -8,6 +8,7 @@ checked against them; one slow test runs a real sweep, its report and ``ask``.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import subprocess
@@ -24,8 +25,15 @@ from optuna.trial import FrozenTrial, TrialState
 from finqa_exp import report, tracking
 from finqa_exp.config import PathsConfig, TrackingConfig, flatten
 from finqa_exp.report_data import LABELS, STATES, TrialRow
-from finqa_exp.report_numbers import busy_seconds, planned_steps
+from finqa_exp.report_numbers import (
+    busy_seconds,
+    examples_reported,
+    planned_examples,
+    steps_per_epoch,
+)
 from tests.conftest import compose_cfg
+
+UNIT = "train_examples"  # training.STEP_UNIT, without importing torch
 
 REPO = Path(__file__).resolve().parents[1]
 DISTS = {
@@ -49,6 +57,16 @@ class FakeTrial:
     metrics: dict[str, float] = field(default_factory=dict)
     fail_reason: str | None = None
     epochs: int = 3
+    train_examples: int = 168
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.train_examples / self.params["train.batch_size"])
+
+    def intermediate(self) -> dict[int, float]:
+        """Eval losses as the sweep reports them to Optuna: at training examples seen (each
+        eval here ends an epoch), negated (the study maximizes)."""
+        per_epoch = self.steps_per_epoch()
+        return {round(s / per_epoch) * self.train_examples: -v for s, v in self.evals.items()}
 
 
 def rouge_metrics(tuned: tuple, base: tuple, **extra: float) -> dict[str, float]:
@@ -58,8 +76,8 @@ def rouge_metrics(tuned: tuple, base: tuple, **extra: float) -> dict[str, float]
 
 
 BASE = (0.20, 0.05, 0.18)
-# Trial 1 wins (rougeL 0.40), then 0 and 4; 2 is pruned after 84 of 252 steps (3 epochs of
-# 84 steps at batch size 2); 3 failed.
+# Trial 1 wins (rougeL 0.40), then 0 and 4; 2 is pruned after its first epoch of 3 (84 steps
+# of batch 2, 168 examples); 3 failed. Each trial trains on 168 examples an epoch.
 TRIALS = [
     FakeTrial(
         TrialState.COMPLETE,
@@ -175,6 +193,9 @@ def log_run(tracker, cfg, study: str, number: int, fake: FakeTrial, adapter: Pat
     run_id = tracker.start_run(f"trial-{number}", {"study": study, "trial_number": str(number)})
     tracker.log_params(flatten(cfg))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracker.log_metrics(
+        {"train_examples": fake.train_examples, "steps_per_epoch": fake.steps_per_epoch()}
+    )
     for i, (step, loss) in enumerate(sorted(fake.evals.items())):
         if i == 0:
             tracker.log_metrics({"train_loss": loss + 0.6}, step=1)
@@ -205,6 +226,8 @@ def write_study(root: Path, name: str, trials: list[FakeTrial], adapter: Path) -
             attrs["mlflow_run_id"] = log_run(tracker, cfg, name, number, fake, adapter)
         if fake.fail_reason:
             attrs["fail_reason"] = fake.fail_reason
+        if fake.evals:
+            attrs["step_unit"] = "train_examples"
         start = T0 + dt.timedelta(seconds=fake.start_s)
         end = None if fake.wall_s is None else start + dt.timedelta(seconds=fake.wall_s)
         study.add_trial(
@@ -218,7 +241,7 @@ def write_study(root: Path, name: str, trials: list[FakeTrial], adapter: Path) -
                 distributions=DISTS,
                 user_attrs=attrs,
                 system_attrs={},
-                intermediate_values={s: -v for s, v in fake.evals.items()},
+                intermediate_values=fake.intermediate(),
                 trial_id=number,
             )
         )
@@ -306,12 +329,15 @@ def test_report_numbers_match_the_stores(stores):
         ["failed", "1", "5.0 s", "-", "-"],
         ["**total**", "5", "3m 45s", "3m 04s", "2m 47s"],
     ]
-    # Trial 2: batch 2, first eval at step 84 = one epoch, 3 epochs planned, pruned at 84.
-    # Unpruned total: 63 + 126 + 33 (complete) + 252 = 474; 168 skipped steps x 2 examples.
-    # Seconds per example: mean of 50/(63x8), 84/(126x4), 33/(33x16) = 0.10946 -> 36.8 s.
-    assert "Pruning saved 168 optimizer steps: it stopped 1 trial after 84 of the 252 steps" in md
-    assert "which is 35% of the 474 steps all finished trials would have run" in md
-    assert "mean 109.46 ms of training per example, the 336 examples skipped are about 36.8 s" in md
+    # Trial 2 was pruned after 1 of its 3 epochs of 168 examples: 168 of 504, 336 skipped.
+    # Unpruned total: 3 complete x 504 + 504 = 2016; 336 / 2016 = 17%.
+    # Seconds per example: mean of 50/504, 84/504, 33/504 = 0.110450 -> 336 x that = 37.1 s.
+    assert (
+        "Pruning saved 336 training examples: it stopped 1 trial after 168 of the 504 examples"
+        in md
+    )
+    assert "which is 17% of the 2016 examples all finished trials would have trained on" in md
+    assert "mean 110.45 ms of training per example, that is about 37.1 s of training" in md
     assert "- trial 3: FloatingPointError: train loss is nan at step 3" in md
 
     winners = table(md, "rank")
@@ -505,19 +531,27 @@ def test_study_shorthand_on_the_command_line():
     ]
 
 
-def test_planned_steps_and_busy_time():
-    def row(params: dict, reported: tuple, metrics: dict | None = None) -> TrialRow:
+def test_planned_examples_and_busy_time():
+    def row(params: dict, reported: tuple, metrics: dict | None = None, unit=None) -> TrialRow:
         run = tracking.RunRecord("r", "KILLED", params, metrics or {}, {})
-        return TrialRow(0, "PRUNED", None, {}, run, 0.0, 1.0, reported)
+        return TrialRow(0, "PRUNED", None, {}, run, 0.0, 1.0, reported, step_unit=unit)
 
     base = {"train.batch_size": "4", "train.gradient_accumulation_steps": "2"}
     epochs = {**base, "train.max_steps": "-1", "train.eval_strategy": "epoch"}
-    assert planned_steps(row({**base, "train.max_steps": "40"}, (5,)), []) == 40
-    assert planned_steps(row({**epochs, "train.epochs": "2.5"}, (12, 24)), []) == 30
+    # max_steps x 8 examples a step; else epochs x the training examples the run logged
+    assert planned_examples(row({**base, "train.max_steps": "40"}, (5,)), []) == 320
+    new = row({**epochs, "train.epochs": "2.5"}, (96, 192), {"train_examples": 96.0}, UNIT)
+    assert planned_examples(new, []) == 240
+    assert examples_reported(new) == (96, 192)
+    # Runs of earlier versions: optimizer steps, one epoch's steps at the first eval
+    legacy = row({**epochs, "train.epochs": "2.5"}, (12, 24))
+    assert planned_examples(legacy, []) == 30 * 8
+    assert examples_reported(legacy) == (96, 192)
+    assert steps_per_epoch(legacy) == 12 and steps_per_epoch(new) is None
     steps = {**base, "train.max_steps": "-1", "train.eval_strategy": "steps", "train.epochs": "3"}
     done = row(steps, (), {"train_steps": 99.0})
-    assert planned_steps(row(steps, (10,)), [done]) == 99  # same batch and epochs
-    assert planned_steps(row({**steps, "train.batch_size": "8"}, (10,)), [done]) is None
+    assert planned_examples(row(steps, (10,)), [done]) == 99 * 8  # same batch and epochs
+    assert planned_examples(row({**steps, "train.batch_size": "8"}, (10,)), [done]) is None
     assert busy_seconds([(0, 10), (5, 12), (20, 21)]) == 13
 
 
@@ -572,8 +606,12 @@ def test_real_sweep_report_champion_and_ask(tmp_path, cache_dir):
     assert states[:2] == ["COMPLETE", "PRUNED"]
     counts = ", ".join(f"{states.count(s)} {LABELS[s]}" for s in STATES if s in states)
     assert f"- Trials: {counts}" in md
-    pruned = states.count("PRUNED")  # each ran 5 of its 10 steps
-    assert f"Pruning saved {5 * pruned} optimizer steps: it stopped {pruned} trial" in md
+    pruned = states.count("PRUNED")  # each ran 5 of its 10 steps of 16 examples
+    assert f"Pruning saved {80 * pruned} training examples: it stopped {pruned} trial" in md
+    for t in study.trials:
+        if t.state.name == "PRUNED":  # timed too, like a complete trial
+            assert t.user_attrs["timings"]["time_train_s"] > 0
+            assert list(t.intermediate_values) == [80]
     run = store.run(champ.run_id)
     winner = records(md, "rank")[0]
     assert winner["trial"] == str(best.number) and winner["MLflow run"] == f"`{champ.run_id}`"

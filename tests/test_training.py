@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,10 +12,14 @@ from transformers import TrainerControl, TrainerState
 from finqa_exp.config import TrainConfig
 from finqa_exp.tracking import NullTracker
 from finqa_exp.training import (
+    STEP_UNIT,
+    FractionalEpochEval,
     LossHistory,
     MetricsCallback,
     NonFiniteLossError,
     PruningCallback,
+    examples_seen,
+    steps_per_epoch,
     training_arguments,
 )
 
@@ -56,7 +61,7 @@ def test_metrics_callback_records_history():
 
 class FakeTrial:
     def __init__(self, prune):
-        self.reported, self.prune = [], prune
+        self.reported, self.prune, self.user_attrs = [], prune, {}
 
     def report(self, value, step):
         self.reported.append((step, value))
@@ -64,19 +69,76 @@ class FakeTrial:
     def should_prune(self):
         return self.prune
 
+    def set_user_attr(self, key, value):
+        self.user_attrs[key] = value
+
+
+def at_epoch(step, epoch):
+    s = state(step)
+    s.epoch = epoch
+    return s
+
 
 def test_pruning_callback_reports_in_the_study_direction():
     import optuna
 
     trial = FakeTrial(prune=False)
-    PruningCallback(trial, maximize=True).on_evaluate(
-        None, state(3), None, metrics={"eval_loss": 2.0}
+    args = SimpleNamespace(train_batch_size=16)
+    PruningCallback(trial, maximize=True, train_examples=333).on_evaluate(
+        args, at_epoch(21, 1.0), None, metrics={"eval_loss": 2.0}
     )
-    assert trial.reported == [(3, -2.0)]
-    with pytest.raises(optuna.TrialPruned):
-        PruningCallback(FakeTrial(prune=True), maximize=False).on_evaluate(
-            None, state(4), None, metrics={"eval_loss": 2.0}
+    assert trial.reported == [(333, -2.0)] and trial.user_attrs["step_unit"] == STEP_UNIT
+    with pytest.raises(optuna.TrialPruned, match="after 80 training examples"):
+        # eval every eval_steps (no evals_per_epoch): reported at the examples seen
+        PruningCallback(FakeTrial(prune=True), False, 333, None).on_evaluate(
+            args, at_epoch(5, 5 / 21), None, metrics={"eval_loss": 2.0}
         )
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 8, 16, 64])
+def test_pruning_steps_are_examples_seen_whatever_the_batch(batch_size):
+    """Trials with different batch sizes report each epoch's end at the same step, so the
+    pruner compares equal amounts of training; mid-epoch, the batches done x batch size."""
+    n = 333
+    batches = math.ceil(n / batch_size)  # Trainer's state.epoch: epoch + (step + 1) / batches
+    for epoch in range(3):
+        assert examples_seen(epoch + batches / batches, batch_size, n) == (epoch + 1) * n
+        for done in range(1, batches):
+            expected = epoch * n + done * batch_size
+            assert examples_seen(epoch + done / batches, batch_size, n) == expected
+    assert steps_per_epoch(n, batch_size, 1) == batches
+    assert steps_per_epoch(n, batch_size, 3) == math.ceil(batches / 3)
+
+
+def eval_points(batch_size: int, n: int, per_epoch: int, epochs: int) -> list[tuple]:
+    """(optimizer step, examples seen, step reported) of each eval of a training run, as the
+    Trainer's loop drives FractionalEpochEval (mid-epoch) and its epoch strategy (ends)."""
+    batches = math.ceil(n / batch_size)
+    fractional = FractionalEpochEval(n, per_epoch)
+    pruning = PruningCallback(FakeTrial(prune=False), True, n, per_epoch)
+    args, points = SimpleNamespace(train_batch_size=batch_size), []
+    for epoch in range(epochs):
+        for i in range(batches):
+            state = at_epoch(epoch * batches + i + 1, epoch + (i + 1) / batches)
+            control = TrainerControl()
+            fractional.on_step_end(args, state, control)
+            if control.should_evaluate or i == batches - 1:
+                seen = examples_seen(state.epoch, batch_size, n)
+                points.append((state.global_step, seen, pruning.step(state.epoch, batch_size)))
+    return points
+
+
+@pytest.mark.parametrize("batch_size", [2, 4, 8, 16])
+def test_evals_at_fractions_of_an_epoch_report_the_same_steps(batch_size):
+    points = eval_points(batch_size, 333, 2, 3)
+    # Two evals an epoch, each at the first step past its half, reported at the half.
+    assert [reported for _, _, reported in points] == [166, 333, 500, 666, 832, 999]
+    for (_, seen, _), half in zip(points, [166.5, 333, 499.5, 666, 832.5, 999]):
+        assert half <= seen < half + batch_size
+    ends = [step for step, _, _ in points][1::2]  # the Trainer's own epoch-end evals
+    assert ends == [math.ceil(333 / batch_size) * k for k in (1, 2, 3)]
+    # One eval an epoch: the epoch ends only; no extra evals
+    assert [r for _, _, r in eval_points(batch_size, 333, 1, 2)] == [333, 666]
 
 
 def test_no_password_reaches_the_tracking_store(tmp_path):
