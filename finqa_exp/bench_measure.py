@@ -340,6 +340,32 @@ def sweep_run(
     }
 
 
+def seed_noise(root: Path, cache_dir: Path, run: dict[str, Any], extra: list[str]) -> dict:
+    """The objective's own noise: the sweep's best params trained again with another
+    ``train.seed`` (a fresh process), against the value the sweep recorded."""
+    from finqa_exp.config import TrainConfig
+
+    done = [t for t in run["trials"] if t["value"] is not None]
+    best = max(done, key=lambda t: t["value"])
+    seed = TrainConfig().seed + 1
+    out = root / f"noise_seed{run['seed']}"
+    params = [f"{k}={v}" for k, v in sorted(best["params"].items())]
+    cmd = finqa_command(
+        root, cache_dir, f"hydra.run.dir={out}", "tracking=none", f"train.seed={seed}",
+        *params, *extra,
+    )  # fmt: skip
+    _run(cmd, root)
+    again = json.loads((out / "metrics.json").read_text())["rougeL"]
+    return {
+        "sweep_seed": run["seed"],
+        "params": best["params"],
+        "value": best["value"],
+        "train_seed": seed,
+        "value_other_seed": again,
+        "noise": abs(again - best["value"]),
+    }
+
+
 def overhead_of_sweep(run: dict[str, Any]) -> dict[str, Any]:
     """Share of each trial's wall time (as the study saw it) outside training and generation."""
     shares = [

@@ -36,10 +36,18 @@ def test_sweep_rows_judge_saving_and_best_against_the_noise_of_two_seeds():
         sweep(1, True, [10, 10, 10, 2], 0.28),
         sweep(1, False, [10, 10, 10, 10], 0.27),
     ]
-    saving, best = bench.sweep_rows(runs, "cpu")
+    noise = [
+        {"train_seed": 43, "value": 0.31, "value_other_seed": 0.295, "noise": 0.015},
+        {"train_seed": 43, "value": 0.27, "value_other_seed": 0.275, "noise": 0.005},
+    ]
+    saving, best = bench.sweep_rows(runs, "cpu", noise)
     assert saving["value"] == pytest.approx(1 - 56 / 80) and saving["met"] is False
     assert best["value"] == pytest.approx(0.01)  # largest |on - off| over the seeds
-    assert "0.0400" in best["target"] and best["met"] is True  # noise: 0.31 - 0.27
+    assert "(0.0150)" in best["target"] and best["met"] is True  # the larger seed noise
+    assert "spread of the unpruned best over sampler seeds 0.0400" in best["note"]
+    noise[0]["noise"] = 0.008
+    assert bench.sweep_rows(runs, "cpu", noise)[1]["met"] is False
+    assert bench.sweep_rows(runs, "cpu")[1]["met"] is None  # no noise measured: no verdict
 
 
 def test_bad_bench_config_is_an_error():
@@ -85,6 +93,11 @@ def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path
         assert run["trial_seconds"] == sum(t["seconds"] for t in run["trials"])
     saving = find("sweep: trial compute saved")
     assert saving["value"] == 1 - runs[0]["trial_seconds"] / runs[1]["trial_seconds"]
+    (noise,) = raw["seed_noise"]  # the unpruned winner, trained again with another seed
+    assert noise["train_seed"] != 42 and noise["value"] == runs[1]["best"]
+    assert noise["noise"] == abs(noise["value_other_seed"] - noise["value"])
+    best = find("sweep: best ROUGE-L")
+    assert best["met"] == (best["value"] <= noise["noise"])
 
     cold = raw["cold_trial"]
     assert 0 < cold["work_seconds"] < cold["command_seconds"]
