@@ -1,6 +1,6 @@
 """Benchmark: our trial and sweep against the seed project's recipe, side by side in one run.
 
-    python -m finqa_exp.bench                 # about 10 minutes on 2 CPU cores
+    python -m finqa_exp.bench                 # about 15 minutes on 2 CPU cores
     python -m finqa_exp.bench quick=true      # small sizes, to check it runs (the test)
     python -m finqa_exp.bench 'sections=[train,eval]'
 
@@ -50,6 +50,7 @@ QUICK = {
     "eval_questions": 6,
     "max_new_tokens": 8,
     "sweep_trials": 2,
+    "sweep_prefix": 1,
     "sweep_seeds": [0],
 }
 QUICK_TRIAL = ["train.epochs=1", "eval.max_questions=4", "eval.max_new_tokens=8"]
@@ -68,8 +69,10 @@ class BenchConfig:
     eval_questions: int = 32
     max_new_tokens: int = 64
     eval_batch_size: int = 16
-    # Sweep pair: the default sweep with and without its pruner, for each sampler seed.
-    sweep_trials: int = 8
+    # Sweep pair: the default sweep with and without its pruner, for each sampler seed,
+    # judged over all its trials and over its first `sweep_prefix` (the default study's 8).
+    sweep_trials: int = 16
+    sweep_prefix: int = 8
     sweep_seeds: list[int] = field(default_factory=lambda: [0, 1])
     out_dir: str = "reports/bench"
 
@@ -82,6 +85,11 @@ class BenchConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.sweep_trials < 2 or not self.sweep_seeds:
             raise ConfigError("sweep_trials must be >= 2 and sweep_seeds not empty")
+        if not 1 <= self.sweep_prefix <= self.sweep_trials:
+            raise ConfigError(
+                f"sweep_prefix must be in [1, sweep_trials={self.sweep_trials}], "
+                f"got {self.sweep_prefix}"
+            )
         if self.quick:
             for key, value in QUICK.items():
                 setattr(self, key, value)
@@ -233,7 +241,7 @@ def sweep_rows(
         notes.append(f"spread of the unpruned best over sampler seeds {spread:.4f}")
     return [
         row(
-            "sweep: trial compute saved by pruning",
+            f"sweep of {on[0]['n_trials']} trials: trial compute saved by pruning",
             device,
             "tiny",
             "s",
@@ -245,7 +253,8 @@ def sweep_rows(
             f"seeds {seeds}, {on[0]['n_trials']} trials each; trial wall seconds summed",
         ),
         row(
-            "sweep: best ROUGE-L, pruner on vs off (largest gap over seeds)",
+            f"sweep of {on[0]['n_trials']} trials: best ROUGE-L, pruner on vs off "
+            "(largest gap over seeds)",
             device,
             "tiny",
             "rougeL",
@@ -405,10 +414,22 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
                         m.sweep_run(root, cache, name, seed, bc.sweep_trials, pruner, extra)
                     )
             raw["sweeps"] = runs
-            log.info("the objective's noise: each unpruned winner trained with another seed")
-            noise = [m.seed_noise(root, cache, r, extra) for r in runs if not r["pruner"]]
-            raw["seed_noise"] = noise
-            rows += sweep_rows(runs, device, noise)
+            lengths = sorted({n for n in (bc.sweep_prefix, bc.sweep_trials) if n >= 2})
+            raw["seed_noise"], retrained = {}, {}
+            for n in lengths:
+                cut = [m.first_trials(r, n) for r in runs]
+                log.info("the objective's noise: the %d-trial winners, another train.seed", n)
+                for r in cut:  # a winner of both lengths is retrained once
+                    key = (r["seed"], json.dumps(r["best_params"], sort_keys=True))
+                    if not r["pruner"] and key not in retrained:
+                        retrained[key] = m.seed_noise(root, cache, r, extra)
+                noise = [
+                    retrained[(r["seed"], json.dumps(r["best_params"], sort_keys=True))]
+                    for r in cut
+                    if not r["pruner"]
+                ]
+                raw["seed_noise"][str(n)] = noise
+                rows += sweep_rows(cut, device, noise)
             sweep_overhead = m.overhead_of_sweep(next(r for r in runs if not r["pruner"]))
             raw["sweep_overhead"] = sweep_overhead
         if "trial" in bc.sections:

@@ -340,6 +340,21 @@ def sweep_run(
     }
 
 
+def first_trials(run: dict[str, Any], n: int) -> dict[str, Any]:
+    """The sweep as if it had stopped after ``n`` trials: with a seeded sampler, sequential
+    trials, the first n trials of a longer sweep are exactly an n-trial sweep."""
+    trials = run["trials"][:n]
+    done = [t for t in trials if t["value"] is not None]
+    return {
+        **run,
+        "n_trials": n,
+        "trial_seconds": sum(t["seconds"] for t in trials),
+        "best": max(t["value"] for t in done) if done else None,
+        "best_params": max(done, key=lambda t: t["value"])["params"] if done else None,
+        "trials": trials,
+    }
+
+
 def seed_noise(root: Path, cache_dir: Path, run: dict[str, Any], extra: list[str]) -> dict:
     """The objective's own noise: the sweep's best params trained again with another
     ``train.seed`` (a fresh process), against the value the sweep recorded."""
@@ -348,7 +363,7 @@ def seed_noise(root: Path, cache_dir: Path, run: dict[str, Any], extra: list[str
     done = [t for t in run["trials"] if t["value"] is not None]
     best = max(done, key=lambda t: t["value"])
     seed = TrainConfig().seed + 1
-    out = root / f"noise_seed{run['seed']}"
+    out = root / f"noise_seed{run['seed']}_n{run['n_trials']}"
     params = [f"{k}={v}" for k, v in sorted(best["params"].items())]
     cmd = finqa_command(
         root, cache_dir, f"hydra.run.dir={out}", "tracking=none", f"train.seed={seed}",

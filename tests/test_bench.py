@@ -8,7 +8,7 @@ import json
 import pytest
 
 from finqa_exp import bench
-from finqa_exp.bench_measure import padding_share
+from finqa_exp.bench_measure import first_trials, padding_share
 from finqa_exp.config import ConfigError, PathsConfig
 
 
@@ -50,9 +50,20 @@ def test_sweep_rows_judge_saving_and_best_against_the_noise_of_two_seeds():
     assert bench.sweep_rows(runs, "cpu")[1]["met"] is None  # no noise measured: no verdict
 
 
+def test_first_trials_of_a_sweep_are_the_shorter_sweep():
+    run = sweep(0, False, [10, 10, 10, 10], 0.31)
+    for t, value in zip(run["trials"], [0.2, 0.25, 0.31, None]):
+        t["value"], t["params"] = value, {"lr": value}
+    cut = first_trials(run, 2)
+    assert cut["n_trials"] == 2 and cut["trial_seconds"] == 20 and len(cut["trials"]) == 2
+    assert cut["best"] == 0.25 and cut["best_params"] == {"lr": 0.25}
+
+
 def test_bad_bench_config_is_an_error():
     with pytest.raises(ConfigError, match="unknown"):
         bench.BenchConfig(sections=["train", "nope"])
+    with pytest.raises(ConfigError, match="sweep_prefix"):
+        bench.BenchConfig(sweep_trials=8, sweep_prefix=9)
 
 
 @pytest.mark.slow
@@ -91,12 +102,12 @@ def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path
     for run in runs:
         assert len(run["trials"]) == 2 and all(t["seconds"] > 0 for t in run["trials"])
         assert run["trial_seconds"] == sum(t["seconds"] for t in run["trials"])
-    saving = find("sweep: trial compute saved")
+    saving = find("sweep of 2 trials: trial compute saved")
     assert saving["value"] == 1 - runs[0]["trial_seconds"] / runs[1]["trial_seconds"]
-    (noise,) = raw["seed_noise"]  # the unpruned winner, trained again with another seed
+    (noise,) = raw["seed_noise"]["2"]  # the unpruned winner, trained again with another seed
     assert noise["train_seed"] != 42 and noise["value"] == runs[1]["best"]
     assert noise["noise"] == abs(noise["value_other_seed"] - noise["value"])
-    best = find("sweep: best ROUGE-L")
+    best = find("sweep of 2 trials: best ROUGE-L")
     assert best["met"] == (best["value"] <= noise["noise"])
 
     cold = raw["cold_trial"]
