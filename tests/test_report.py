@@ -463,6 +463,45 @@ def test_sweep_end_registers_the_champion(stores):
     assert parent.tags["champion"] == f"sweep-known2/{champ.version}"
 
 
+def test_sweep_end_retries_a_summary_write_that_lost_a_race(stores, monkeypatch):
+    """Workers of one study end it together and set the same new parent tags; the store
+    refuses the second insert of a row (the CI's PostgreSQL did). The loser retries."""
+    from finqa_exp.tracking import study_run
+
+    study = optuna.load_study(study_name="known2", storage=f"sqlite:///{stores}/studies/known2.db")
+    cfg = tracking_cfg(stores)
+    callback = tracking.StudyRun(uri=cfg.uri, artifact_location=cfg.artifact_location)
+    callback.on_sweep_start(study)
+    real, calls = callback.tracker.set_tags, []
+
+    def racing(tags):
+        calls.append(sorted(tags))
+        if len(calls) == 1:  # the other worker inserted the row first
+            raise RuntimeError(
+                "BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates "
+                'unique constraint "tag_pk"'
+            )
+        real(tags)
+
+    monkeypatch.setattr(callback.tracker, "set_tags", racing)
+    monkeypatch.setattr(study_run.time, "sleep", lambda s: None)
+    callback.on_sweep_end(study)
+    assert (
+        calls[0] == calls[1] == ["best.lora.r", "best.train.batch_size", "best.train.learning_rate"]
+    )
+    parent = tracking.RunStore(cfg.uri).run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.status == "FINISHED" and parent.tags["best.lora.r"] == "8"
+    assert parent.metrics["best_trial"] == 1.0
+
+    def broken(tags):
+        raise RuntimeError("connection reset")  # not a race: no retry
+
+    monkeypatch.setattr(callback.tracker, "set_tags", broken)
+    assert study_run.concurrent_write(RuntimeError("UNIQUE constraint failed: tags.key"))
+    with pytest.raises(RuntimeError, match="connection reset"):
+        study_run.retry_concurrent(lambda: broken({}))
+
+
 # ----------------------------------------------------------------------------- other cases
 
 

@@ -7,6 +7,8 @@ A Hydra sweeper callback (``hydra.sweeper.callbacks`` in conf/search/default.yam
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from finqa_exp.config import TrackingConfig
@@ -14,6 +16,30 @@ from finqa_exp.tracking import FAILED, FINISHED, KILLED, MlflowTracker
 from finqa_exp.tracking.store import register_study_champion
 
 log = logging.getLogger(__name__)
+
+# What a tracking store says when two writers insert the same tag or metric row at once
+# (SQLite, PostgreSQL, MySQL, through MLflow's SQL store or its server).
+_CONCURRENT_WRITE = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry",
+                     "duplicate key value")  # fmt: skip
+
+
+def concurrent_write(err: BaseException) -> bool:
+    """True if ``err`` is the store refusing a row another writer inserted meanwhile."""
+    return any(marker in str(err) for marker in _CONCURRENT_WRITE)
+
+
+def retry_concurrent(write: Callable[[], Any], attempts: int = 4, wait_s: float = 0.2) -> Any:
+    """``write()``, again if another writer won a race for the same row: MLflow's SQL store
+    inserts a tag it has not seen, so of two workers setting one new tag, one fails; the
+    tag exists then, and the retry updates it."""
+    for attempt in range(attempts):
+        try:
+            return write()
+        except Exception as err:
+            if attempt == attempts - 1 or not concurrent_write(err):
+                raise
+            log.info("tracking store: a concurrent write of the same row; retrying (%s)", err)
+            time.sleep(wait_s * (attempt + 1))
 
 
 class StudyRun:
@@ -97,13 +123,16 @@ class StudyRun:
             best = study.best_trial
         except ValueError:  # no complete trial (or multi-objective)
             best = None
+        # Workers sharing a study end it together and write the same summary: each write
+        # may lose a race to another worker's (retry_concurrent).
         if best is not None:
             counts["best_value"] = float(best.value)
             counts["best_trial"] = float(best.number)
-            self.tracker.set_tags({f"best.{k}": str(v) for k, v in best.params.items()})
+            tags = {f"best.{k}": str(v) for k, v in best.params.items()}
+            retry_concurrent(lambda: self.tracker.set_tags(tags))
             self._register(study)
-        self.tracker.log_metrics(counts)
-        self.tracker.end_run(FINISHED)
+        retry_concurrent(lambda: self.tracker.log_metrics(counts))
+        retry_concurrent(lambda: self.tracker.end_run(FINISHED))
 
     def _merge_duplicate_parent(self, parent: str) -> None:
         """Workers that open a new study together may each create a parent run; the study
@@ -141,7 +170,8 @@ class StudyRun:
             log.info(
                 "champion: %s version %s (run %s)", champ.model_name, champ.version, champ.run_id
             )
-            self.tracker.set_tags({"champion": f"{champ.model_name}/{champ.version}"})
+            tag = {"champion": f"{champ.model_name}/{champ.version}"}
+            retry_concurrent(lambda: self.tracker.set_tags(tag))
 
     def _close_leftover(self, trial: Any) -> None:
         """End a trial's run that is still RUNNING although its trial is over."""
