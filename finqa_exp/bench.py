@@ -419,15 +419,12 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
             for n in lengths:
                 cut = [m.first_trials(r, n) for r in runs]
                 log.info("the objective's noise: the %d-trial winners, another train.seed", n)
-                for r in cut:  # a winner of both lengths is retrained once
+                noise = []
+                for r in (r for r in cut if not r["pruner"]):
                     key = (r["seed"], json.dumps(r["best_params"], sort_keys=True))
-                    if not r["pruner"] and key not in retrained:
+                    if key not in retrained:  # a winner of both lengths is retrained once
                         retrained[key] = m.seed_noise(root, cache, r, extra)
-                noise = [
-                    retrained[(r["seed"], json.dumps(r["best_params"], sort_keys=True))]
-                    for r in cut
-                    if not r["pruner"]
-                ]
+                    noise.append(retrained[key])
                 raw["seed_noise"][str(n)] = noise
                 rows += sweep_rows(cut, device, noise)
             sweep_overhead = m.overhead_of_sweep(next(r for r in runs if not r["pruner"]))

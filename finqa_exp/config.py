@@ -429,13 +429,7 @@ def validate(cfg: DictConfig | FinqaConfig) -> FinqaConfig:
     """Check every range and cross-field rule; returns the typed config or raises ConfigError."""
     if isinstance(cfg, FinqaConfig):
         cfg = OmegaConf.structured(cfg)
-    try:
-        # to_object builds the dataclasses, which runs each __post_init__ range check.
-        obj = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except Exception as err:  # omegaconf validation (type, missing value)
-        raise ConfigError(str(err).splitlines()[0]) from err
+    obj = _to_object(cfg)
     if not isinstance(obj, FinqaConfig):
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FinqaConfig), cfg))
     assert isinstance(obj, FinqaConfig)
@@ -445,14 +439,21 @@ def validate(cfg: DictConfig | FinqaConfig) -> FinqaConfig:
 def typed(cfg: DictConfig, schema: type[T]) -> T:
     """A composed config as its dataclass ``schema`` (running its range checks), or a
     ConfigError naming the first problem. For the entry points other than the trial's."""
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except Exception as err:  # omegaconf validation (type, missing value)
-        raise ConfigError(str(err).splitlines()[0]) from err
+    obj = _to_object(cfg)
     assert isinstance(obj, schema)
     return obj
+
+
+def _to_object(cfg: DictConfig) -> Any:
+    """OmegaConf.to_object, which builds the dataclasses and so runs each __post_init__
+    range check; omegaconf's own errors (a type, a missing value) become one-line
+    ConfigErrors."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
 
 
 def flatten(cfg: DictConfig | dict[str, Any], prefix: str = "") -> dict[str, Any]:

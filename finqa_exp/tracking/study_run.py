@@ -187,5 +187,6 @@ class StudyRun:
         if run.info.status != "RUNNING":
             return
         status = {"COMPLETE": FINISHED, "PRUNED": KILLED}.get(state, FAILED)
-        client.set_tag(run_id, "optuna_state", state)
+        # Workers starting together close the same leftovers of a killed sweep.
+        retry_concurrent(lambda: client.set_tag(run_id, "optuna_state", state))
         client.set_terminated(run_id, status=status)
