@@ -236,8 +236,10 @@ class TrainConfig:
     eval_strategy: str = "epoch"
     eval_steps: int = 50
     # With eval_strategy=epoch: evals per epoch, at equal fractions of it (2: each half
-    # epoch), so that a sweep's pruner can stop a bad trial before its first epoch ends.
+    # epoch), and in the first epoch `evals_first_epoch` of them (null: the same), so that
+    # a sweep's pruner can stop a bad trial early in its first epoch.
     evals_per_epoch: int = 1
+    evals_first_epoch: int | None = None
     # Batches of similar length waste less compute on padding.
     group_by_length: bool = True
     # bf16/fp16 autocast on GPU; "auto" picks bf16 where supported.
@@ -284,6 +286,10 @@ class TrainConfig:
         _require(
             self.evals_per_epoch >= 1,
             f"train.evals_per_epoch must be >= 1, got {self.evals_per_epoch}",
+        )
+        _require(
+            self.evals_first_epoch is None or self.evals_first_epoch >= 1,
+            f"train.evals_first_epoch must be >= 1 or null, got {self.evals_first_epoch}",
         )
         precisions = ("auto", "no", "bf16", "fp16")
         _require(

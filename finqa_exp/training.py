@@ -138,25 +138,57 @@ def examples_seen(epoch: float, batch_size: int, train_examples: int) -> int:
     return whole * n + min(batches * batch_size, n)
 
 
-def checkpoints_passed(seen: int, train_examples: int, per_epoch: int) -> int:
-    """How many of the points at k/per_epoch of an epoch ``seen`` examples have reached."""
-    return seen * per_epoch // train_examples
+@dataclass(frozen=True)
+class EvalSchedule:
+    """Where the eval-loss checks of a run fall, in training examples: ``first_epoch``
+    equal fractions of the first epoch, then ``per_epoch`` of each later one.
+
+    Checks are cheap next to training (the eval split is small and forward-only) and what
+    a pruner stops a trial on: many in the first epoch stop a bad trial early, few later
+    keep a good one's cost down. Each epoch's end is a check.
+    """
+
+    train_examples: int
+    per_epoch: int = 1
+    first_epoch: int | None = None
+
+    @property
+    def first(self) -> int:
+        return self.first_epoch or self.per_epoch
+
+    def passed(self, seen: int) -> int:
+        """How many checks ``seen`` examples have reached."""
+        n, first = self.train_examples, self.first
+        if seen <= n:
+            return seen * first // n
+        return first + (seen - n) * self.per_epoch // n
+
+    def point(self, k: int) -> int:
+        """The training examples at check ``k`` (1-based; 0 is the start)."""
+        n, first = self.train_examples, self.first
+        if k <= first:
+            return round(k * n / first)
+        return round(n + (k - first) * n / self.per_epoch)
+
+    def is_epoch_end(self, k: int) -> bool:
+        first = self.first
+        return k % first == 0 if k <= first else (k - first) % self.per_epoch == 0
 
 
 class FractionalEpochEval(TrainerCallback):
-    """Evaluates ``per_epoch`` times an epoch, at equal fractions of it: at the first
-    optimizer step that reaches each point (the Trainer's own epoch strategy takes the
-    epoch ends)."""
+    """Evaluates at the checks of an EvalSchedule that fall inside an epoch, at the first
+    optimizer step that reaches each (the Trainer's own epoch strategy takes the ends)."""
 
-    def __init__(self, train_examples: int, per_epoch: int):
-        self.train_examples = train_examples
-        self.per_epoch = per_epoch
+    def __init__(self, schedule: EvalSchedule):
+        self.schedule = schedule
         self.passed = 0
 
     def on_step_end(self, args, state, control, **kwargs):
-        seen = examples_seen(state.epoch or 0.0, args.train_batch_size, self.train_examples)
-        passed = checkpoints_passed(seen, self.train_examples, self.per_epoch)
-        if passed > self.passed and passed % self.per_epoch:
+        seen = examples_seen(
+            state.epoch or 0.0, args.train_batch_size, self.schedule.train_examples
+        )
+        passed = self.schedule.passed(seen)
+        if passed > self.passed and not self.schedule.is_epoch_end(passed):
             control.should_evaluate = True
         self.passed = passed
 
@@ -167,30 +199,32 @@ class PruningCallback(TrainerCallback):
     The step reported is training examples, not the optimizer step: a pruner compares
     trials at equal steps, and with a searched batch size equal optimizer steps are
     different amounts of training (step 84 is one epoch at batch 2 and two at batch 4).
-    With evals at fractions of an epoch (``evals_per_epoch``), each is reported at its
-    point, k x train_examples / evals_per_epoch, which every batch size reports alike;
-    otherwise (eval every ``eval_steps``) at the examples seen. So pruner settings such as
-    n_warmup_steps count examples.
+    With evals on an EvalSchedule, each is reported at its check's point, which every
+    batch size reports alike; otherwise (eval every ``eval_steps``) at the examples seen.
+    So pruner settings such as n_warmup_steps count examples.
 
     Optuna compares intermediate values in the study's direction, so for a study that
     maximizes (ROUGE) the reported value is the negated loss.
     """
 
     def __init__(
-        self, trial: Any, maximize: bool, train_examples: int, evals_per_epoch: int | None = 1
+        self,
+        trial: Any,
+        maximize: bool,
+        train_examples: int,
+        schedule: EvalSchedule | None = None,
     ):
         self.trial = trial
         self.sign = -1.0 if maximize else 1.0
         self.train_examples = train_examples
-        self.evals_per_epoch = evals_per_epoch
+        self.schedule = schedule
         trial.set_user_attr("step_unit", STEP_UNIT)
 
     def step(self, epoch: float, batch_size: int) -> int:
-        n, per_epoch = self.train_examples, self.evals_per_epoch
-        seen = examples_seen(epoch, batch_size, n)
-        if per_epoch is None:
+        seen = examples_seen(epoch, batch_size, self.train_examples)
+        if self.schedule is None:
             return seen
-        return round(checkpoints_passed(seen, n, per_epoch) * n / per_epoch)
+        return self.schedule.point(self.schedule.passed(seen))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         import optuna
@@ -207,10 +241,32 @@ class PruningCallback(TrainerCallback):
             )
 
 
+def eval_schedule(cfg: TrainConfig, train_examples: int) -> EvalSchedule | None:
+    """The checks of ``train.eval_strategy=epoch``; None for the other strategies."""
+    if cfg.eval_strategy != "epoch":
+        return None
+    return EvalSchedule(train_examples, cfg.evals_per_epoch, cfg.evals_first_epoch)
+
+
 def steps_per_epoch(train_examples: int, batch_size: int, accumulation: int) -> int:
     """Optimizer steps in one epoch, as the Trainer counts them on one device."""
     batches = math.ceil(train_examples / batch_size)
     return max(math.ceil(batches / accumulation), 1)
+
+
+class _Trainer(Trainer):
+    """Trainer whose evaluations leave the random state as they found it.
+
+    Each DataLoader iterator, the eval one too, draws its base seed from the global RNG;
+    without this, adding an eval (a mid-epoch pruning check, say) would change the next
+    batches' order and dropout, so what a trial learns would depend on how often it is
+    looked at, and a pruned sweep's trials would differ from the same unpruned ones.
+    """
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return super().evaluate(*args, **kwargs)
 
 
 def extra_callbacks(specs: dict[str, Any]) -> list[TrainerCallback]:
@@ -243,9 +299,14 @@ def train(
     """Fine-tune ``model`` (a peft model) in place and return timing and loss history."""
     history = LossHistory()
     callbacks: list[TrainerCallback] = [MetricsCallback(tracker, history)]
-    if eval_ds is not None and cfg.eval_strategy == "epoch" and cfg.evals_per_epoch > 1:
-        callbacks.append(FractionalEpochEval(len(train_ds), cfg.evals_per_epoch))
-    trainer = Trainer(
+    schedule = eval_schedule(cfg, len(train_ds))
+    if (
+        eval_ds is not None
+        and schedule is not None
+        and (schedule.first > 1 or schedule.per_epoch > 1)
+    ):
+        callbacks.append(FractionalEpochEval(schedule))
+    trainer = _Trainer(
         model=model,
         args=training_arguments(cfg, output_dir, dev, has_eval=eval_ds is not None),
         train_dataset=train_ds,

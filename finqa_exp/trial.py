@@ -346,8 +346,8 @@ def _train_score_save(
     callbacks = training.extra_callbacks(conf.train.callbacks)
     if trial is not None:
         maximize = conf.study.direction == "maximize"
-        per_epoch = conf.train.evals_per_epoch if conf.train.eval_strategy == "epoch" else None
-        callbacks.append(training.PruningCallback(trial, maximize, train_examples, per_epoch))
+        schedule = training.eval_schedule(conf.train, train_examples)
+        callbacks.append(training.PruningCallback(trial, maximize, train_examples, schedule))
     with phases("train"):
         result = training.train(
             model,

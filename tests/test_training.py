@@ -13,6 +13,7 @@ from finqa_exp.config import TrainConfig
 from finqa_exp.tracking import NullTracker
 from finqa_exp.training import (
     STEP_UNIT,
+    EvalSchedule,
     FractionalEpochEval,
     LossHistory,
     MetricsCallback,
@@ -110,12 +111,15 @@ def test_pruning_steps_are_examples_seen_whatever_the_batch(batch_size):
     assert steps_per_epoch(n, batch_size, 3) == math.ceil(batches / 3)
 
 
-def eval_points(batch_size: int, n: int, per_epoch: int, epochs: int) -> list[tuple]:
+def eval_points(
+    batch_size: int, n: int, per_epoch: int, epochs: int, first_epoch: int | None = None
+) -> list[tuple]:
     """(optimizer step, examples seen, step reported) of each eval of a training run, as the
     Trainer's loop drives FractionalEpochEval (mid-epoch) and its epoch strategy (ends)."""
     batches = math.ceil(n / batch_size)
-    fractional = FractionalEpochEval(n, per_epoch)
-    pruning = PruningCallback(FakeTrial(prune=False), True, n, per_epoch)
+    schedule = EvalSchedule(n, per_epoch, first_epoch)
+    fractional = FractionalEpochEval(schedule)
+    pruning = PruningCallback(FakeTrial(prune=False), True, n, schedule)
     args, points = SimpleNamespace(train_batch_size=batch_size), []
     for epoch in range(epochs):
         for i in range(batches):
@@ -139,6 +143,34 @@ def test_evals_at_fractions_of_an_epoch_report_the_same_steps(batch_size):
     assert ends == [math.ceil(333 / batch_size) * k for k in (1, 2, 3)]
     # One eval an epoch: the epoch ends only; no extra evals
     assert [r for _, _, r in eval_points(batch_size, 333, 1, 2)] == [333, 666]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 8, 16, 64])
+def test_quarters_of_the_first_epoch_then_epoch_ends(batch_size):
+    """The default schedule: four checks in the first epoch, one at each later epoch's end;
+    every batch size evaluates as soon as it passes a check and reports the check."""
+    points = eval_points(batch_size, 333, 1, 3, first_epoch=4)
+    quarters = [83.25, 166.5, 249.75, 333]
+    reported = [r for _, _, r in points]
+    if batch_size < 83:
+        assert reported == [83, 166, 250, 333, 666, 999]
+        for (_, seen, _), point in zip(points, quarters):
+            assert point <= seen < point + batch_size
+    else:
+        # A batch that passes two checks in one step evaluates once, at the later.
+        assert reported == [166, 250, 333, 666, 999][-len(reported) :]
+    ends = [step for step, seen, _ in points if seen % 333 == 0]
+    assert ends == [math.ceil(333 / batch_size) * k for k in (1, 2, 3)]
+
+
+def test_eval_schedule_points_and_counts():
+    schedule = EvalSchedule(100, per_epoch=2, first_epoch=4)
+    assert [schedule.point(k) for k in range(1, 9)] == [25, 50, 75, 100, 150, 200, 250, 300]
+    assert [schedule.passed(s) for s in (0, 24, 25, 99, 100, 149, 150, 300)] == [
+        0, 0, 1, 3, 4, 4, 5, 8,
+    ]  # fmt: skip
+    assert [schedule.is_epoch_end(k) for k in (3, 4, 5, 6)] == [False, True, False, True]
+    assert EvalSchedule(100, per_epoch=3).point(4) == 133  # first_epoch None: per_epoch
 
 
 def test_no_password_reaches_the_tracking_store(tmp_path):

@@ -265,6 +265,17 @@ def test_later_trials_reuse_the_loaded_base_and_match_a_fresh_load(make_cfg):
         assert torch.equal(kept[name].data, param.data), name
 
 
+def test_how_often_a_trial_is_evaluated_does_not_change_what_it_learns(make_cfg):
+    """Evals draw from the global RNG (each DataLoader iterator takes a seed): the Trainer
+    keeps them from shifting the batch order and dropout of the training that follows."""
+    cfg = ("tracking=none", "train.epochs=2", "eval.max_questions=4", "lora.dropout=0.1")
+    each_epoch = execute(make_cfg(*cfg, "train.evals_per_epoch=1", "train.evals_first_epoch=1"))
+    often = execute(make_cfg(*cfg, "train.evals_per_epoch=3", "train.evals_first_epoch=4"))
+    for key in ("eval_loss", "final_train_loss", "rougeL"):
+        assert often.metrics[key] == each_epoch.metrics[key], key
+    assert often.samples == each_epoch.samples
+
+
 def test_phase_times_add_up_and_overhead_is_their_complement():
     from finqa_exp.trial import phase_metrics
 
