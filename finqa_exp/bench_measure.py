@@ -323,6 +323,9 @@ def sweep_run(
                 "params": t.params,
                 "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
                 "work_seconds": work_seconds(timings),
+                # What pruning can save: a trial's training and its tuned answers. The base
+                # model's score is once per study (then cached), whichever arm runs first.
+                "compute_seconds": work_seconds(timings) - timings.get("time_generate_base_s", 0.0),
                 "train_seconds": timings.get("time_train_s", 0.0),
             }
         )
@@ -333,6 +336,7 @@ def sweep_run(
         "n_trials": n_trials,
         "command_seconds": wall,
         "trial_seconds": sum(t["seconds"] for t in trials),
+        "compute_seconds": sum(t["compute_seconds"] for t in trials),
         "train_seconds": sum(t["train_seconds"] for t in trials),
         "best": max(t["value"] for t in done) if done else None,
         "states": {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
@@ -349,6 +353,7 @@ def first_trials(run: dict[str, Any], n: int) -> dict[str, Any]:
         **run,
         "n_trials": n,
         "trial_seconds": sum(t["seconds"] for t in trials),
+        "compute_seconds": sum(t["compute_seconds"] for t in trials),
         "best": max(t["value"] for t in done) if done else None,
         "best_params": max(done, key=lambda t: t["value"])["params"] if done else None,
         "trials": trials,

@@ -18,12 +18,16 @@ def test_padding_share_counts_what_padding_to_max_length_adds():
 
 
 def sweep(seed, pruner, seconds, best):
-    trials = [{"seconds": s, "state": "COMPLETE", "work_seconds": s * 0.9} for s in seconds]
+    trials = [
+        {"seconds": s, "state": "COMPLETE", "work_seconds": s * 0.9, "compute_seconds": s * 0.9}
+        for s in seconds
+    ]
     return {
         "seed": seed,
         "pruner": pruner,
         "n_trials": len(seconds),
         "trial_seconds": sum(seconds),
+        "compute_seconds": sum(t["compute_seconds"] for t in trials),
         "best": best,
         "trials": trials,
     }
@@ -40,14 +44,16 @@ def test_sweep_rows_judge_saving_and_best_against_the_noise_of_two_seeds():
         {"train_seed": 43, "value": 0.31, "value_other_seed": 0.295, "noise": 0.015},
         {"train_seed": 43, "value": 0.27, "value_other_seed": 0.275, "noise": 0.005},
     ]
-    saving, best = bench.sweep_rows(runs, "cpu", noise)
-    assert saving["value"] == pytest.approx(1 - 56 / 80) and saving["met"] is False
+    saving, wall, best = bench.sweep_rows(runs, "cpu", noise)
+    assert saving["value"] == pytest.approx(1 - 56 * 0.9 / (80 * 0.9)) and saving["met"] is False
+    assert saving["ours"] == pytest.approx(56 * 0.9)  # compute: training + generation
+    assert wall["value"] == pytest.approx(1 - 56 / 80) and wall["met"] is None
     assert best["value"] == pytest.approx(0.01)  # largest |on - off| over the seeds
     assert "(0.0150)" in best["target"] and best["met"] is True  # the larger seed noise
     assert "spread of the unpruned best over sampler seeds 0.0400" in best["note"]
     noise[0]["noise"] = 0.008
-    assert bench.sweep_rows(runs, "cpu", noise)[1]["met"] is False
-    assert bench.sweep_rows(runs, "cpu")[1]["met"] is None  # no noise measured: no verdict
+    assert bench.sweep_rows(runs, "cpu", noise)[2]["met"] is False
+    assert bench.sweep_rows(runs, "cpu")[2]["met"] is None  # no noise measured: no verdict
 
 
 def test_first_trials_of_a_sweep_are_the_shorter_sweep():
@@ -56,6 +62,7 @@ def test_first_trials_of_a_sweep_are_the_shorter_sweep():
         t["value"], t["params"] = value, {"lr": value}
     cut = first_trials(run, 2)
     assert cut["n_trials"] == 2 and cut["trial_seconds"] == 20 and len(cut["trials"]) == 2
+    assert cut["compute_seconds"] == pytest.approx(18)
     assert cut["best"] == 0.25 and cut["best_params"] == {"lr": 0.25}
 
 
@@ -102,8 +109,13 @@ def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path
     for run in runs:
         assert len(run["trials"]) == 2 and all(t["seconds"] > 0 for t in run["trials"])
         assert run["trial_seconds"] == sum(t["seconds"] for t in run["trials"])
+        assert 0 < run["compute_seconds"] == sum(t["compute_seconds"] for t in run["trials"])
+        for t in run["trials"]:
+            assert 0 < t["compute_seconds"] <= t["work_seconds"] < t["seconds"]
     saving = find("sweep of 2 trials: trial compute saved")
-    assert saving["value"] == 1 - runs[0]["trial_seconds"] / runs[1]["trial_seconds"]
+    assert saving["value"] == 1 - runs[0]["compute_seconds"] / runs[1]["compute_seconds"]
+    wall = find("sweep of 2 trials: trial wall time saved")
+    assert wall["value"] == 1 - runs[0]["trial_seconds"] / runs[1]["trial_seconds"]
     (noise,) = raw["seed_noise"]["2"]  # the unpruned winner, trained again with another seed
     assert noise["train_seed"] != 42 and noise["value"] == runs[1]["best"]
     assert noise["noise"] == abs(noise["value_other_seed"] - noise["value"])
