@@ -260,7 +260,7 @@ class _Trainer(Trainer):
     Each DataLoader iterator, the eval one too, draws its base seed from the global RNG;
     without this, adding an eval (a mid-epoch pruning check, say) would change the next
     batches' order and dropout, so what a trial learns would depend on how often it is
-    looked at, and a pruned sweep's trials would differ from the same unpruned ones.
+    looked at.
     """
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
