@@ -273,8 +273,7 @@ def sweep_rows(
             "trial wall seconds summed: compute plus each trial's fixed costs",
         ),
         row(
-            f"sweep of {on[0]['n_trials']} trials: best ROUGE-L, pruner on vs off "
-            "(largest gap over seeds)",
+            f"sweep of {n_trials} trials: best ROUGE-L, pruner on vs off (largest gap over seeds)",
             device,
             "tiny",
             "rougeL",

@@ -315,6 +315,7 @@ def sweep_run(
     trials = []
     for t in study.trials:
         timings = t.user_attrs.get("timings", {})
+        work = work_seconds(timings)
         trials.append(
             {
                 "number": t.number,
@@ -322,10 +323,10 @@ def sweep_run(
                 "value": t.value,
                 "params": t.params,
                 "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
-                "work_seconds": work_seconds(timings),
+                "work_seconds": work,
                 # What pruning can save: a trial's training and its tuned answers. The base
                 # model's score is once per study (then cached), whichever arm runs first.
-                "compute_seconds": work_seconds(timings) - timings.get("time_generate_base_s", 0.0),
+                "compute_seconds": work - timings.get("time_generate_base_s", 0.0),
                 "train_seconds": timings.get("time_train_s", 0.0),
             }
         )
