@@ -193,7 +193,7 @@ def load_tuned(winner: Winner, merged_dtype: bool = False) -> tuple[Any, Any]:
     """
     import peft
 
-    from finqa_exp import modeling
+    from finqa_exp import devices, modeling
 
     trial = winner.conf
     source = base_source(trial)
@@ -202,7 +202,7 @@ def load_tuned(winner: Winner, merged_dtype: bool = False) -> tuple[Any, Any]:
     quant = trial.quant
     if merged_dtype:
         quant = QuantConfig(name="none", load_in_4bit=False, compute_dtype=quant.compute_dtype)
-    base = modeling.load_base_model(source, trial.model, quant, modeling.device())
+    base = modeling.load_base_model(source, trial.model, quant, devices.device())
     model = peft.PeftModel.from_pretrained(base, str(winner.adapter_dir))
     model.eval()
     return model, tokenizer

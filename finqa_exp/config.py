@@ -426,6 +426,16 @@ def _register_resolvers() -> None:
     # conf/paths stay valid in sweep jobs and tests alike.
     if not OmegaConf.has_resolver("finqa.cwd"):
         OmegaConf.register_new_resolver("finqa.cwd", lambda: os.getcwd())
+    # ${finqa.gpus:} is the number of GPUs trials can spread over (at least 1): the
+    # per_gpu launcher runs that many trials at a time, one on each GPU.
+    if not OmegaConf.has_resolver("finqa.gpus"):
+        OmegaConf.register_new_resolver("finqa.gpus", _gpus_for_trials)
+
+
+def _gpus_for_trials() -> int:
+    from finqa_exp.devices import gpu_count
+
+    return max(gpu_count(), 1)
 
 
 _register_resolvers()

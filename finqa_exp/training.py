@@ -25,6 +25,7 @@ from transformers import (
 
 from finqa_exp.config import TrainConfig
 from finqa_exp.data import IGNORE_INDEX
+from finqa_exp.devices import native_bf16
 from finqa_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,13 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def mixed_precision(train: TrainConfig, dev: torch.device) -> dict[str, bool]:
-    """Trainer's bf16/fp16 flags: autocast only on GPU, bf16 where the GPU has it."""
+    """Trainer's bf16/fp16 flags: autocast only on GPU, bf16 where the GPU computes in it
+    natively, fp16 on older GPUs (T4, V100)."""
     choice = train.mixed_precision
     if dev.type != "cuda" or choice == "no":
         return {"bf16": False, "fp16": False}
     if choice == "auto":
-        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        choice = "bf16" if native_bf16(dev) else "fp16"
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
@@ -264,7 +266,7 @@ class _Trainer(Trainer):
     """
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        devices = [torch.cuda.current_device()] if self.args.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             return super().evaluate(*args, **kwargs)
 
@@ -276,6 +278,28 @@ def extra_callbacks(specs: dict[str, Any]) -> list[TrainerCallback]:
     return [instantiate(specs[name]) for name in sorted(specs)]
 
 
+class BatchSizeError(RuntimeError):
+    """The Trainer would train on other batches than the config asks for."""
+
+
+def check_batch_size(args: TrainingArguments, batch_size: int) -> int:
+    """The batch the optimizer sees per step and device; must be ``train.batch_size``.
+
+    In one process on a machine with several GPUs, the Trainer multiplies the per-device
+    batch by the GPU count (``n_gpu``), even for 4-bit models, which it never wraps in
+    DataParallel: batch 8 on an 8-GPU node would train on batches of 64 on one GPU and be
+    recorded as 8. finqa_exp.devices pins each trial process to one GPU; this checks it.
+    """
+    seen = args.train_batch_size
+    if seen != batch_size:
+        raise BatchSizeError(
+            f"the Trainer would train on batches of {seen}, not train.batch_size={batch_size}: "
+            f"this process sees {args.n_gpu} GPUs; give each trial one GPU "
+            f"(CUDA_VISIBLE_DEVICES, or hydra/launcher=per_gpu)"
+        )
+    return seen
+
+
 @dataclass
 class TrainResult:
     runtime_s: float
@@ -283,6 +307,7 @@ class TrainResult:
     tokens_per_s: float
     steps: int
     history: LossHistory
+    batch_size: int  # per optimizer step and device, as the Trainer ran it
 
 
 def train(
@@ -315,6 +340,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[*callbacks, *(extra_callbacks or [])],
     )
+    batch_size = check_batch_size(trainer.args, cfg.batch_size)
     start = time.perf_counter()
     trainer.train()
     runtime = time.perf_counter() - start
@@ -325,4 +351,5 @@ def train(
         tokens_per_s=tokens / runtime if runtime > 0 else 0.0,
         steps=trainer.state.global_step,
         history=history,
+        batch_size=batch_size,
     )

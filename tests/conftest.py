@@ -2,10 +2,17 @@
 
 Tests run the same code as ``python -m finqa_exp``: they compose ``conf/config.yaml``
 with overrides (as the command line would) and call the core directly.
+
+The CPU tiers run on the CPU on a GPU machine too (``FINQA_DEVICE=cpu`` for the session,
+inherited by the commands tests start): their bit-exact checks assume it. Tests marked
+``gpu`` (tests/test_gpu.py) ask for CUDA and are skipped where there is none::
+
+    python -m pytest -m gpu tests/test_gpu.py
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +23,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from finqa_exp.config import register_configs
+from finqa_exp.devices import DEVICE_ENV, gpu_count
+
+# Before any test imports torch's CUDA side; gpu tests set FINQA_DEVICE=cuda themselves.
+os.environ[DEVICE_ENV] = "cpu"
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -43,6 +54,39 @@ def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictCon
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    os.environ.pop(DEVICE_ENV)  # count the GPUs there are
+    try:
+        have_gpu = gpu_count() > 0
+    finally:
+        os.environ[DEVICE_ENV] = "cpu"
+    if not have_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
+def toy_base(folder: Path) -> Path:
+    """A 1-layer Llama and a BPE tokenizer trained on the bundled questions, saved."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from finqa_exp import modeling
+    from finqa_exp.config import TinyModelConfig
+    from finqa_exp.data import bundled_path, read_table
+
+    texts = [f"{r['instruction']}\n{r['output']}" for r in read_table(bundled_path())]
+    tokenizer = modeling.train_tokenizer(texts, 300)
+    tiny = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(modeling.llama_config(tiny, tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

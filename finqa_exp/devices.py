@@ -1,0 +1,177 @@
+"""Devices: which device a process trains on, one GPU per trial process, native bf16.
+
+A trial process sees exactly one GPU. transformers' Trainer, run in one process on a
+machine with several GPUs, multiplies the per-device batch by the GPU count (it skips
+DataParallel for 4-bit models but not the multiplication), so ``train.batch_size=8``
+would train on batches of 64 on ``cuda:0``. :func:`device` therefore pins the process to
+one GPU before CUDA starts: it sets ``CUDA_VISIBLE_DEVICES`` to a GPU that no other
+trial process on this machine holds (a lock file per GPU, held for the life of the
+process). Parallel trials (``hydra/launcher=per_gpu``: one joblib worker per GPU, or
+several sweep commands on one machine) so spread over the GPUs, one trial on each.
+
+    FINQA_DEVICE=cpu python -m finqa_exp       # stay on the CPU on a GPU machine
+    CUDA_VISIBLE_DEVICES=2 python -m finqa_exp # choose the GPU yourself
+
+Only the standard library at import: the sweep's parent process counts GPUs through
+this module without importing torch until it must.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+DEVICE_ENV = "FINQA_DEVICE"  # auto (default) | cpu | cuda
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+LOCK_DIR_ENV = "FINQA_GPU_LOCK_DIR"  # where the per-GPU lock files live (tests move it)
+
+# This process's GPU: (CUDA_VISIBLE_DEVICES entry, open lock file). The lock is released
+# by the operating system when the process ends, however it ends.
+_claim: tuple[str, Any] | None = None
+
+
+class DeviceError(RuntimeError):
+    """The process cannot be given the device it asks for."""
+
+
+def device_choice() -> str:
+    choice = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"{DEVICE_ENV} must be auto, cpu or cuda, got {choice!r}")
+    return choice
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries (indices or UUIDs).
+
+    Read from ``CUDA_VISIBLE_DEVICES`` when it is set; otherwise counted by torch, which
+    asks NVML first and so does not start CUDA (starting it would fix the visible set).
+    """
+    if device_choice() == "cpu":
+        return []
+    listed = os.environ.get(VISIBLE_ENV)
+    if listed is not None:
+        # CUDA stops at the first entry it cannot use; an empty value hides every GPU.
+        return [e.strip() for e in listed.split(",") if e.strip() and not e.strip().startswith("-")]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def gpu_count() -> int:
+    """Number of GPUs the trials of this machine can spread over (0 on a CPU machine)."""
+    return len(visible_gpus())
+
+
+def _lock_dir() -> Path:
+    folder = Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "finqa-exp-gpus")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _try_lock(entry: str, block: bool = False) -> Any | None:
+    handle = open(_lock_dir() / f"gpu-{entry}.lock", "a+")  # noqa: SIM115 (held for life)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def pin_one_gpu() -> str | None:
+    """Make this process see exactly one GPU; returns its ``CUDA_VISIBLE_DEVICES`` entry.
+
+    None when there is no GPU (or ``FINQA_DEVICE=cpu``). With several visible GPUs, takes
+    the first that no other process on this machine holds; when all are held (more
+    parallel trials than GPUs), waits for one. Must run before CUDA starts in this
+    process: torch reads ``CUDA_VISIBLE_DEVICES`` once, when CUDA starts.
+    """
+    global _claim
+    if _claim is not None:
+        return _claim[0]
+    gpus = visible_gpus()
+    if len(gpus) <= 1:
+        return gpus[0] if gpus else None
+    torch = _torch_if_imported()
+    if torch is not None and torch.cuda.is_initialized():
+        raise DeviceError(
+            f"CUDA started in this process before a GPU was chosen, and it sees {len(gpus)} "
+            f"GPUs; set {VISIBLE_ENV} to one GPU"
+        )
+    handle = None
+    for entry in gpus:
+        handle = _try_lock(entry)
+        if handle is not None:
+            break
+    else:
+        entry = gpus[os.getpid() % len(gpus)]
+        log.warning(
+            "all %d GPUs are held by other trial processes on this machine; waiting for GPU %s "
+            "(run at most as many trials at a time as there are GPUs)",
+            len(gpus),
+            entry,
+        )
+        handle = _try_lock(entry, block=True)
+    os.environ[VISIBLE_ENV] = entry
+    _claim = (entry, handle)
+    log.info("this process trains on GPU %s (%s=%s)", entry, VISIBLE_ENV, entry)
+    return entry
+
+
+def _torch_if_imported() -> Any | None:
+    import sys
+
+    return sys.modules.get("torch")
+
+
+def device() -> torch.device:
+    """The device this process trains on: its one GPU (pinned at the first call), else CPU."""
+    import torch
+
+    choice = device_choice()
+    if choice == "cpu":
+        return torch.device("cpu")
+    pin_one_gpu()
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if choice == "cuda":
+        raise DeviceError(f"{DEVICE_ENV}=cuda, but torch finds no CUDA device")
+    return torch.device("cpu")
+
+
+def describe_device(dev: torch.device) -> str:
+    """``cuda:<name> (GPU <entry>)`` or ``cpu:<n> cores``: the run's ``device`` tag."""
+    import torch
+
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        entry = os.environ.get(VISIBLE_ENV)
+        return f"cuda:{name} (GPU {entry})" if entry else f"cuda:{name}"
+    return f"cpu:{os.cpu_count()} cores"
+
+
+def native_bf16(dev: torch.device) -> bool:
+    """Whether ``dev`` computes in bf16 natively (Ampere and later, compute capability 8+).
+
+    ``torch.cuda.is_bf16_supported()`` also says yes on a T4 or V100, where bf16 is only
+    emulated (and slow), so ask without emulation: those GPUs get fp16.
+    """
+    import torch
+
+    if dev.type != "cuda":
+        return False
+    return torch.cuda.is_bf16_supported(including_emulation=False)
