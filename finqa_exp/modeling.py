@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -26,6 +25,7 @@ import torch
 
 from finqa_exp.config import LoraConfig, ModelConfig, QuantConfig, TinyModelConfig
 from finqa_exp.data import QAPair
+from finqa_exp.devices import native_bf16
 
 log = logging.getLogger(__name__)
 # bitsandbytes warns at import that it cannot fetch an optional CPU kernel from the hub;
@@ -35,22 +35,13 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 SPECIAL_TOKENS = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>"}
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def describe_device(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(dev)}"
-    return f"cpu:{os.cpu_count()} cores"
-
-
 def resolve_dtype(name: str, dev: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    """``auto`` is bf16 on GPUs that compute in it natively, fp16 on older GPUs (T4, V100),
+    fp32 on CPU."""
     if name != "auto":
         return getattr(torch, name)
     if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(dev) else torch.float16
     return torch.float32
 
 
@@ -245,7 +236,15 @@ def load_tokenizer(name_or_path: str | Path, model: ModelConfig) -> Any:
 def load_base_model(
     name_or_path: str | Path, model: ModelConfig, quant: QuantConfig, dev: torch.device
 ) -> Any:
-    """The frozen base model, 4-bit NF4 when ``quant.load_in_4bit``."""
+    """The frozen base model, 4-bit NF4 when ``quant.load_in_4bit``.
+
+    The dtype policy is decided here, once: every weight that is not 4-bit (embeddings,
+    norms, LM head) is loaded in the compute dtype (``quant.compute_dtype``: bf16 on
+    recent GPUs, fp32 on CPU) and nothing casts it later. So the base scored before
+    training, the tuned model, ``ask`` and an exported model all run the same weights.
+    (peft's ``prepare_model_for_kbit_training`` would cast them to fp32 in place, after the
+    base was scored and for every later trial sharing it, at about 260 MB for TinyLlama.)
+    """
     from transformers import AutoModelForCausalLM
 
     qconfig = quantization_config(quant, dev)
@@ -253,11 +252,10 @@ def load_base_model(
         "revision": model.revision,
         "trust_remote_code": model.trust_remote_code,
         "device_map": {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"},
+        "dtype": resolve_dtype(quant.compute_dtype, dev),
     }
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    else:
-        kwargs["dtype"] = resolve_dtype(quant.compute_dtype, dev)
     base = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     base.config.use_cache = False
     if qconfig is not None and dev.type == "cpu":
@@ -284,48 +282,75 @@ def activation_bytes(config: Any, batch_size: int, seq_len: int) -> int:
     """Estimated activation memory of one training step without checkpointing, in bytes.
 
     Per layer, 16-bit activations of a transformer block take about ``34·s·b·h`` bytes
-    plus ``5·a·s²·b`` for attention scores (Korthikanti et al. 2022, "Reducing Activation
-    Recomputation"); the fp32 logits and their gradient add ``8·s·b·V``.
+    (Korthikanti et al. 2022, "Reducing Activation Recomputation"); eager attention adds
+    ``5·a·s²·b`` for its scores, which SDPA and flash attention never materialize. The fp32
+    logits and their gradient add ``8·s·b·V``.
     """
     s, b = seq_len, batch_size
     h, a = config.hidden_size, config.num_attention_heads
-    per_layer = 34 * s * b * h + 5 * a * s * s * b
+    per_layer = 34 * s * b * h
+    if getattr(config, "_attn_implementation", None) in (None, "eager"):
+        per_layer += 5 * a * s * s * b
     return per_layer * config.num_hidden_layers + 8 * s * b * config.vocab_size
+
+
+def available_gpu_bytes(dev: torch.device) -> int:
+    """Memory this process can still allocate on ``dev``: the driver's free memory plus the
+    blocks PyTorch holds cached but unused (``mem_get_info`` counts those as taken, so a
+    later trial of the same sweep would otherwise see less than the first)."""
+    free, _ = torch.cuda.mem_get_info(dev)
+    cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return free + cached
 
 
 def use_gradient_checkpointing(
     setting: str, config: Any, batch_size: int, seq_len: int, dev: torch.device
 ) -> bool:
     """``model.gradient_checkpointing``: true/false as given; auto turns it on only on a GPU
-    whose free memory (after loading the model) is less than the estimated activations
+    whose available memory (after loading the model) is less than the estimated activations
     plus a margin. Checkpointing costs about a third more compute, so never by default."""
     if setting != "auto":
         return setting == "true"
     if dev.type != "cuda":
         return False
-    free, _ = torch.cuda.mem_get_info(dev)
     need = activation_bytes(config, batch_size, seq_len)
-    return need > 0.8 * free
+    return need > 0.8 * available_gpu_bytes(dev)
 
 
-def add_lora(base: Any, lora: LoraConfig, gradient_checkpointing: bool, quantized: bool) -> Any:
-    """Wrap the base in a trainable peft LoRA adapter; only adapter weights require grad."""
+# Non-reentrant checkpointing: the reentrant kind (torch's old default, and what peft's
+# prepare_model_for_kbit_training ends up with) needs inputs that require grad and does
+# not support every autograd feature.
+CHECKPOINT_KWARGS = {"use_reentrant": False}
+
+
+def set_activation_checkpointing(model: Any, on: bool) -> None:
+    """Turn activation (gradient) checkpointing of ``model``'s layers on or off."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers 5 names it so; the old name warns
+            enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS)
+            )
+        return
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        # A reused base keeps the setting of the trial before (see SharedBase).
+        disable = getattr(model, "activation_checkpointing_disable", None)
+        (disable or model.gradient_checkpointing_disable)()
+        if hasattr(model, "_require_grads_hook"):  # set by enabling it: no longer needed
+            model.disable_input_require_grads()
+
+
+def add_lora(base: Any, lora: LoraConfig, gradient_checkpointing: bool) -> Any:
+    """Wrap the base in a trainable peft LoRA adapter; only adapter weights require grad.
+
+    The base is used as loaded (see :func:`load_base_model`): peft freezes its weights and
+    nothing changes their dtype.
+    """
     import peft
 
-    if quantized:
-        base = peft.prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=gradient_checkpointing
-        )
-    elif gradient_checkpointing:
-        base.gradient_checkpointing_enable()
-        base.enable_input_require_grads()
-    if not gradient_checkpointing and any(
-        getattr(m, "gradient_checkpointing", False) for m in base.modules()
-    ):
-        # A reused base keeps the setting of the trial before (see SharedBase). Named
-        # activation_checkpointing_disable since transformers 5.x; the old name warns.
-        disable = getattr(base, "activation_checkpointing_disable", None)
-        (disable or base.gradient_checkpointing_disable)()
+    set_activation_checkpointing(base, gradient_checkpointing)
     return peft.get_peft_model(base, lora_config(lora))
 
 
@@ -364,10 +389,10 @@ class SharedBase:
         self.key, self.tokenizer, self.model = key, tokenizer, base
         return tokenizer, base, False
 
-    def add_lora(self, lora: LoraConfig, gradient_checkpointing: bool, quantized: bool) -> Any:
+    def add_lora(self, lora: LoraConfig, gradient_checkpointing: bool) -> Any:
         """:func:`add_lora` on the shared base; remembered so the next trial can remove it."""
         try:
-            self.adapted = add_lora(self.model, lora, gradient_checkpointing, quantized)
+            self.adapted = add_lora(self.model, lora, gradient_checkpointing)
         except BaseException:
             self.clear()  # peft may have stopped half-way through injecting layers
             raise
@@ -384,6 +409,12 @@ class SharedBase:
             return False
         self.adapted = None
         return base is self.model
+
+    def discard_adapter(self) -> None:
+        """Drop a failed or pruned trial's adapter now, with its weights and gradients,
+        rather than when the next trial starts (it would count in that trial's peak)."""
+        if not self.remove_adapter():
+            self.clear()
 
     def clear(self) -> None:
         """Forget the base: the next :meth:`get` loads it again."""

@@ -18,9 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 from finqa_exp import ask, evaluation, modeling, tracking
-from finqa_exp.config import QuantConfig, TinyModelConfig, TrackingConfig, validate
-from finqa_exp.data import bundled_path, read_table
-from tests.conftest import compose_cfg
+from finqa_exp.config import QuantConfig, TrackingConfig, validate
+from tests.conftest import compose_cfg, toy_base
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is a dividend?", "What does EBITDA measure?"]
@@ -33,25 +32,12 @@ def tracking_cfg(root: Path) -> TrackingConfig:
     )
 
 
-def toy_base(folder: Path) -> Path:
-    """A 1-layer Llama and a BPE tokenizer trained on the bundled questions, saved."""
-    from transformers import LlamaForCausalLM
-
-    texts = [f"{r['instruction']}\n{r['output']}" for r in read_table(bundled_path())]
-    tokenizer = modeling.train_tokenizer(texts, 300)
-    tiny = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(modeling.llama_config(tiny, tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def with_adapter(cfg, source: Path):
     """The trial's base (4-bit, as it loads it) with a LoRA adapter whose B is not zero."""
     conf = validate(cfg)
     base = modeling.load_base_model(source, conf.model, conf.quant, torch.device("cpu"))
     torch.manual_seed(1)
-    model = modeling.add_lora(base, conf.lora, False, conf.quant.load_in_4bit)
+    model = modeling.add_lora(base, conf.lora, False)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
