@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,17 +46,36 @@ def current_trial() -> optuna.Trial | None:
     return _current_trial.get()
 
 
-def release_memory() -> None:
-    """Free the GPU memory a finished job left behind before the next one runs here.
+def release_memory(failed: bool = False) -> None:
+    """Free the memory a finished job left behind before the next one runs here.
 
-    Only on a GPU: a full collection walks every object of torch and transformers (0.4 s
-    a trial on the tiny model's CPU runs, 5 % of its time), and on a CPU Python's own
-    collector returns the job's garbage soon enough.
+    After a completed job, only on a GPU: a full collection walks every object of torch
+    and transformers (0.4 s a trial on the tiny model's CPU runs, 5 % of its time), and
+    on a CPU Python's own collector returns the job's garbage soon enough. After a failed
+    or pruned job, always: its model and optimizer may sit in reference cycles (Trainer <->
+    callbacks), and a job that failed for lack of memory must not leave the next one short.
     """
     torch = sys.modules.get("torch")  # only if the job imported it: never import it here
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        gc.collect()  # reference cycles (Trainer <-> callbacks) hold CUDA tensors
+    on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    if failed or on_gpu:
+        gc.collect()
+    if on_gpu:
         torch.cuda.empty_cache()
+
+
+def drop_frames(err: BaseException) -> None:
+    """Clear the locals of the frames in ``err``'s traceback (and its causes').
+
+    A failed job's traceback keeps every frame it passed through alive, and with them the
+    trial's model, optimizer and CUDA tensors, for as long as the exception is kept: Hydra
+    stores it in the job's JobReturn and the sweep logs it after the job. The frames still
+    running (this one and its callers) are left alone.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
 
 
 @dataclass(frozen=True)
@@ -80,11 +100,16 @@ class TrialJob:
             pruner=self.pruner,
         )
         token = _current_trial.set(_bind_trial(study, int(os.environ[TRIAL_ENV])))
+        failed = False
         try:
             return self.task_function(cfg)
+        except BaseException as err:
+            failed = True
+            drop_frames(err)
+            raise
         finally:
             _current_trial.reset(token)
-            release_memory()
+            release_memory(failed)
 
 
 def _bind_trial(study: optuna.Study, number: int) -> optuna.Trial:

@@ -56,14 +56,21 @@ def base_model_source(conf: FinqaConfig, splits: data_lib.Splits) -> str:
     return str(modeling.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir))
 
 
-def peak_memory_mb(dev: torch.device) -> tuple[float, str]:
-    """Peak memory of this trial's device: CUDA allocations on GPU, process RSS on CPU."""
+def peak_memory_mb(dev: torch.device) -> tuple[dict[str, float], str]:
+    """Peak memory of this trial's device: on GPU, PyTorch's peak allocated and reserved
+    memory since the base was ready (nvidia-smi shows reserved plus the CUDA context); on
+    CPU, the process's peak RSS."""
     import torch
 
     if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2**20, "cuda_max_allocated"
+        return {
+            "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20,
+            "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(dev) / 2**20,
+        }, "cuda_max_allocated"
     # ru_maxrss is in KiB on Linux; it is the process's peak, so it includes loading.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+    return {
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    }, "cpu_max_rss"
 
 
 def _objective(conf: FinqaConfig, metrics: dict[str, float]) -> float:
@@ -123,17 +130,13 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
     tracker = tracker or tracking.make_tracker(conf.tracking)  # TrackingError: store unreachable
     # torch, transformers and bitsandbytes take seconds to import: only now that the input
     # is known to be good.
-    import torch
-
-    from finqa_exp import modeling
+    from finqa_exp import devices
 
     trial = _sweep_trial()
-    dev = modeling.device()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    dev = devices.device()  # this process's one GPU, pinned before CUDA starts, or the CPU
 
     tags = {
-        **tracking.environment_tags(modeling.describe_device(dev)),
+        **tracking.environment_tags(devices.describe_device(dev)),
         "model": conf.model.name,
         "data": conf.data.name,
         "experiment": conf.experiment or "default",
@@ -172,6 +175,10 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
     except BaseException as err:
         import optuna
 
+        from finqa_exp import modeling
+
+        # Its adapter, gradients and optimizer states go now, not at the next trial's start.
+        modeling.shared_base.discard_adapter()
         pruned = isinstance(err, optuna.TrialPruned)
         if pruned:
             status = tracking.KILLED
@@ -232,6 +239,7 @@ def _fit_and_score(
     trial: Any | None,
     phases: Phases,
 ) -> TrialResult:
+    import torch
     from transformers import set_seed as transformers_set_seed
 
     from finqa_exp import evaluation, modeling
@@ -246,6 +254,10 @@ def _fit_and_score(
         # Loaded once per process: a sweep's later trials reuse it (adapters are swapped).
         tokenizer, base, reused = modeling.shared_base.get(source, conf.model, conf.quant, dev)
         log.info("base model %s", "reused from the previous trial" if reused else "loaded")
+        if dev.type == "cuda":
+            # From here on: what this trial adds to the resident base, the same whether the
+            # base was just loaded or reused.
+            torch.cuda.reset_peak_memory_stats(dev)
         tok_key = evaluation.cache_key(
             source,
             conf.model.revision,
@@ -302,7 +314,7 @@ def _fit_and_score(
     # which building the tiny base or scoring has already advanced by a varying amount.
     transformers_set_seed(conf.train.seed)
     with phases("add_lora"):
-        model = modeling.shared_base.add_lora(conf.lora, checkpointing, conf.quant.load_in_4bit)
+        model = modeling.shared_base.add_lora(conf.lora, checkpointing)
     return _train_score_save(
         conf, model, tokenizer, train_ds, eval_ds, questions, references,
         base_scores, base_answers, checkpointing, dev, tracker, trial, phases,
@@ -374,7 +386,7 @@ def _train_score_save(
         )
     log.info("tuned ROUGE: %s", _fmt(tuned_scores))
 
-    peak, peak_kind = peak_memory_mb(dev)
+    peaks, peak_kind = peak_memory_mb(dev)
     metrics: dict[str, float] = {
         **tuned_scores,
         **{f"base_{k}": v for k, v in base_scores.items()},
@@ -383,7 +395,8 @@ def _train_score_save(
         "train_tokens": float(result.tokens_seen),
         "tokens_per_s": result.tokens_per_s,
         "train_steps": float(result.steps),
-        "peak_memory_mb": peak,
+        "train_batch_size": float(result.batch_size),
+        **peaks,
         "trainable_params": float(trainable),
         "gradient_checkpointing": float(checkpointing),
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,21 @@ class FullDiskAdapter(_Fault):
         target = adapter / "adapter_config.json"
         os.symlink("/dev/full", target)
         self.note(path=str(target))
+
+
+# Weak references to the model, optimizer and LoRA weights of the trial WatchAndRaiseAt
+# broke: a test checks that none of them outlives the failed trial.
+WATCHED: list[Any] = []
+
+
+class WatchAndRaiseAt(RaiseAt):
+    """RaiseAt that first takes weak references (in WATCHED) to what the failing trial
+    holds: its peft model, its optimizer and every LoRA weight."""
+
+    kind = "oom-watched"
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == self.step and self.armed():
+            lora = [p for n, p in model.named_parameters() if "lora_" in n]
+            WATCHED[:] = [weakref.ref(x) for x in (model, optimizer, *lora)]
+        super().on_step_end(args, state, control, **kwargs)

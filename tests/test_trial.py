@@ -282,3 +282,28 @@ def test_phase_times_add_up_and_overhead_is_their_complement():
     timings = phase_metrics({"load": 1.0, "train": 6.0, "generate_tuned": 2.0, "save": 0.5}, 10.0)
     assert timings["time_train_s"] == 6.0 and timings["trial_time_s"] == 10.0
     assert timings["overhead_share"] == pytest.approx(0.2)  # (10 - 6 - 2) / 10
+
+
+def test_a_failed_trial_leaves_no_model_or_optimizer_behind(make_cfg, monkeypatch):
+    """A sweep job that fails mid-training (here an injected out-of-memory error) frees its
+    peft model, optimizer and LoRA weights before the next trial starts, though its
+    exception, traceback and all, is still held (as Hydra's JobReturn holds it)."""
+    import optuna
+
+    from finqa_exp.sweep_job import TRIAL_ENV, TrialJob
+    from finqa_exp.trial import run_trial
+    from tests import faults
+
+    study = optuna.create_study(study_name="gc", storage=optuna.storages.InMemoryStorage())
+    monkeypatch.setenv(TRIAL_ENV, str(study.ask().number))
+    job = TrialJob(run_trial, study._storage, "gc", study.sampler, study.pruner)
+    watch = "+train.callbacks.fault={_target_: tests.faults.WatchAndRaiseAt, step: 2}"
+    with pytest.raises(torch.OutOfMemoryError) as failed:
+        job(make_cfg("tracking=none", "train.epochs=1", watch))
+
+    assert failed.value.__traceback__ is not None
+    assert len(faults.WATCHED) > 2  # the model, the optimizer and the LoRA weights
+    assert [ref() for ref in faults.WATCHED if ref() is not None] == []
+    # The base stays loaded for the next trial, without the failed trial's adapter.
+    assert modeling.shared_base.model is not None and modeling.shared_base.adapted is None
+    assert not any("lora_" in n for n, _ in modeling.shared_base.model.named_parameters())
