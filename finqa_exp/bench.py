@@ -154,23 +154,29 @@ def training_rows(pair: dict[str, Any], device: str, model: str) -> list[dict[st
             speedup,
             ">= 3",
             speedup is not None and speedup >= 3,
-            f"{pair['examples']} examples, 1 epoch each, {ours['real_tokens']} real tokens",
+            f"{pair['examples']} examples, 1 epoch each, {ours['real_tokens']} real tokens; "
+            f"both in {pair.get('precision', 'fp32')}",
         )
     ]
     if seed["peak_memory_mb"] is not None:
-        rows.append(
-            row(
-                "peak GPU memory: seed workload (batch 8 x 512, r=16) vs ours (MiB)",
-                device,
-                model,
-                "MiB",
-                ours["peak_memory_mb"],
-                seed["peak_memory_mb"],
-                seed["peak_memory_mb"],
-                "report (seed: ~12 GB)",
-                None,
+        for kind, what in (
+            ("allocated", "PyTorch's peak allocated"),
+            ("reserved", "PyTorch's peak reserved (nvidia-smi adds the CUDA context)"),
+        ):
+            rows.append(
+                row(
+                    f"peak GPU memory ({kind}): seed workload (batch 8 x 512, r=16) vs ours (MiB)",
+                    device,
+                    model,
+                    "MiB",
+                    ours["peak_memory_mb"][kind],
+                    seed["peak_memory_mb"][kind],
+                    seed["peak_memory_mb"][kind],
+                    "report (seed project: ~12 GB in nvidia-smi)",
+                    None,
+                    what,
+                )
             )
-        )
     if "mfu" in pair:
         rows.append(
             row(
@@ -332,92 +338,43 @@ def overhead_rows(
 # ----------------------------------------------------------------------------- running
 
 
+MODEL_SECTIONS = {"padding", "train", "eval"}
+
+
 def measure(bc: BenchConfig) -> dict[str, Any]:
     """Run the chosen sections; returns the machine, the raw measurements and the rows."""
-    import torch
-
     from finqa_exp import bench_measure as m
-    from finqa_exp import data as data_lib
-    from finqa_exp import modeling
+    from finqa_exp import devices, modeling
+    from finqa_exp.config import DataConfig
+    from finqa_exp.data import load_splits
 
-    dev = modeling.device()
+    dev = devices.device()
     device = dev.type
     cache = Path(bc.paths.cache_dir)
-    source, splits = m.tiny_setup(cache)
-    template = "### Question: {question}\n\n### Answer: "
     results: dict[str, Any] = {"machine": m.machine(dev), "config": asdict(bc), "raw": {}}
     rows: list[dict[str, Any]] = []
     raw = results["raw"]
 
-    model_name = "tiny"
-    if device == "cuda" and {"train", "eval", "padding"} & set(bc.sections):
-        # The GPU rows: TinyLlama's shape, random weights, a BPE tokenizer from our data.
-        texts = modeling.pretraining_texts(splits.train)
-        tokenizer = modeling.train_tokenizer(texts, m.TINYLLAMA_SHAPE["vocab_size"])
-        source = m.random_llama(tokenizer, cache / "bench" / "tinyllama_shape")
-        model_name = "TinyLlama shape (random)"
-    needs_model = {"train", "eval", "padding"} & set(bc.sections)
-    if needs_model:
-        tokenizer, base, _ = modeling.shared_base.get(source, ModelConfig(), QuantConfig(), dev)
-        key = f"bench-{source}"
-        train_ds = data_lib.tokenize(tokenizer, template, splits.train, 512, f"train-{key}")
-
-    if "padding" in bc.sections:
-        lengths = [len(x) for x in train_ds["input_ids"]]
-        mean_len = sum(lengths) / len(lengths)
-        share = m.padding_share(lengths, m.SEED_MAX_LENGTH)
-        raw["padding_share"] = share
-        rows.append(
-            row(
-                "padding share of the training data at max length 512",
-                device,
-                model_name,
-                "share",
-                None,
-                None,
-                share,
-                "report",
-                None,
-                f"{len(train_ds)} examples, {mean_len:.0f} tokens on average",
-            )
-        )
-    if "train" in bc.sections:
-        subset = train_ds.select(range(min(bc.train_examples, len(train_ds))))
-        log.info("training pair: %d examples, ours then the seed recipe", len(subset))
-        pair = m.training_pair(base, tokenizer, subset, dev)
+    if MODEL_SECTIONS & set(bc.sections):
+        splits = load_splits(DataConfig())
         if device == "cuda":
-            peak = m.bf16_peak_flops(dev)
-            params = m.count_params(base)
-            pair["mfu"] = {
-                "peak_tflops": peak / 1e12,
-                "params": params,
-                **{
-                    side: pair[side]["real_tokens_per_s"] * 4 * params / peak
-                    for side in ("ours", "seed")
-                },
-            }
-        raw["train"] = pair
-        rows += training_rows(pair, device, model_name)
+            # The GPU rows: TinyLlama's shape, random weights, a BPE tokenizer from our data.
+            texts = modeling.pretraining_texts(splits.train)
+            tokenizer = modeling.train_tokenizer(texts, m.TINYLLAMA_SHAPE["vocab_size"])
+            source = m.random_llama(tokenizer, cache / "bench" / "tinyllama_shape")
+            model_name = "TinyLlama shape (random)"
+        else:
+            source, model_name = m.tiny_setup(cache)[0], "tiny"
+        rows += model_rows(bc, dev, source, model_name, splits, raw)
+        # The sweeps and the cold trial load their own models: give the memory back first.
+        modeling.shared_base.clear()
     if device != "cuda":
         rows.append(
             not_measured(
                 "training, peak memory and MFU on GPU", "cuda", "TinyLlama shape", ">= 3", "no GPU"
             )
         )
-    if "eval" in bc.sections:
-        questions = [p.question for p in splits.test[: bc.eval_questions]]
-        log.info("evaluation pair: %d questions, batched then one at a time", len(questions))
-        torch.manual_seed(0)
-        model = modeling.add_lora(base, m.SEED_LORA, gradient_checkpointing=False, quantized=True)
-        pair = m.eval_pair(
-            model, tokenizer, template, questions, bc.max_new_tokens, bc.eval_batch_size, dev
-        )
-        modeling.remove_lora(model)
-        raw["eval"] = pair
-        rows += eval_rows(pair, device, model_name)
-    if device != "cuda":
         rows.append(not_measured("evaluation on GPU", "cuda", "TinyLlama shape", ">= 10", "no GPU"))
-    modeling.shared_base.clear()
 
     sweep_overhead = cold = None
     extra = QUICK_TRIAL if bc.quick else []
@@ -455,6 +412,76 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
     rows += overhead_rows(sweep_overhead, cold, device)
     results["rows"] = rows
     return results
+
+
+def model_rows(
+    bc: BenchConfig, dev: Any, source: Any, model_name: str, splits: Any, raw: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The padding, training and evaluation pairs on one loaded base (``source``, 4-bit)."""
+    import torch
+
+    from finqa_exp import bench_measure as m
+    from finqa_exp import data as data_lib
+    from finqa_exp import modeling, training
+    from finqa_exp.config import TrainConfig
+
+    device = dev.type
+    template = "### Question: {question}\n\n### Answer: "
+    rows: list[dict[str, Any]] = []
+    tokenizer, base, _ = modeling.shared_base.get(source, ModelConfig(), QuantConfig(), dev)
+    key = f"bench-{source}"
+    train_ds = data_lib.tokenize(tokenizer, template, splits.train, 512, f"train-{key}")
+
+    if "padding" in bc.sections:
+        lengths = [len(x) for x in train_ds["input_ids"]]
+        mean_len = sum(lengths) / len(lengths)
+        share = m.padding_share(lengths, m.SEED_MAX_LENGTH)
+        raw["padding_share"] = share
+        rows.append(
+            row(
+                "padding share of the training data at max length 512",
+                device,
+                model_name,
+                "share",
+                None,
+                None,
+                share,
+                "report",
+                None,
+                f"{len(train_ds)} examples, {mean_len:.0f} tokens on average",
+            )
+        )
+    if "train" in bc.sections:
+        subset = train_ds.select(range(min(bc.train_examples, len(train_ds))))
+        log.info("training pair: %d examples, ours then the seed recipe", len(subset))
+        pair = m.training_pair(base, tokenizer, subset, dev)
+        flags = training.mixed_precision(TrainConfig(), dev)
+        pair["precision"] = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
+        if device == "cuda":
+            peak = m.bf16_peak_flops(dev)
+            params = m.count_params(base)
+            pair["mfu"] = {
+                "peak_tflops": peak / 1e12,
+                "params": params,
+                **{
+                    side: pair[side]["real_tokens_per_s"] * 4 * params / peak
+                    for side in ("ours", "seed")
+                },
+            }
+        raw["train"] = pair
+        rows += training_rows(pair, device, model_name)
+    if "eval" in bc.sections:
+        questions = [p.question for p in splits.test[: bc.eval_questions]]
+        log.info("evaluation pair: %d questions, batched then one at a time", len(questions))
+        torch.manual_seed(0)
+        model = modeling.add_lora(base, m.SEED_LORA, gradient_checkpointing=False)
+        pair = m.eval_pair(
+            model, tokenizer, template, questions, bc.max_new_tokens, bc.eval_batch_size, dev
+        )
+        modeling.remove_lora(model)
+        raw["eval"] = pair
+        rows += eval_rows(pair, device, model_name)
+    return rows
 
 
 # ----------------------------------------------------------------------------- output
