@@ -205,7 +205,8 @@ def test_one_trial_per_gpu(tmp_path):
     """A sweep with the per_gpu launcher: as many trials at a time as GPUs, each process
     seeing exactly one GPU, and the Trainer's batch the configured one."""
     record = tmp_path / "devices.jsonl"
-    env = {**START_ENV, "PYTHONPATH": str(REPO), devices.DEVICE_ENV: "cuda"}
+    path = os.pathsep.join(p for p in (str(REPO), START_ENV.get("PYTHONPATH")) if p)
+    env = {**START_ENV, "PYTHONPATH": path, devices.DEVICE_ENV: "cuda"}
     env[devices.LOCK_DIR_ENV] = str(tmp_path / "locks")
     n_gpus = N_GPUS
     n_trials = 2 * n_gpus
