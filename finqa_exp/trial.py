@@ -80,7 +80,7 @@ def _objective(conf: FinqaConfig, metrics: dict[str, float]) -> float:
 def _sweep_trial() -> Any | None:
     """The Optuna trial this job belongs to, when it runs inside a sweep."""
     try:
-        from finqa_exp.sweeper import current_trial
+        from finqa_exp.sweep import current_trial
     except ImportError:
         return None
     return current_trial()

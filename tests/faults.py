@@ -1,7 +1,7 @@
 """Fault injectors for real sweeps: transformers TrainerCallbacks given as ``train.callbacks``.
 
 Each fires in one trial of a sweep (``trial``: its Optuna number, from
-``finqa_exp.sweeper.current_trial()``; None fires in any trial or single run) and, when
+``finqa_exp.sweep.current_trial()``; None fires in any trial or single run) and, when
 ``record`` names a file, appends one JSON line saying what it injected, so a test in
 another process can count the faults that really fired::
 
@@ -35,7 +35,7 @@ class _Fault(TrainerCallback):
         self.record = record
 
     def armed(self) -> bool:
-        from finqa_exp.sweeper import current_trial
+        from finqa_exp.sweep import current_trial
 
         if self.trial is None:
             return True

@@ -22,7 +22,7 @@ class RecordDevice(TrainerCallback):
         self.record = record
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from finqa_exp.sweeper import current_trial
+        from finqa_exp.sweep import current_trial
 
         trial = current_trial()
         line = {

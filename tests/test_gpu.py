@@ -56,7 +56,7 @@ def gpu_cache(tmp_path_factory) -> Path:
 def tinyllama(gpu_cache) -> Path:
     """TinyLlama's shape with random weights and a BPE tokenizer from our data (the bench's
     model, in the same cache folder)."""
-    from finqa_exp.bench_measure import TINYLLAMA_SHAPE, random_llama
+    from finqa_exp.bench.measure import TINYLLAMA_SHAPE, random_llama
     from finqa_exp.data import load_splits
 
     choice = os.environ[devices.DEVICE_ENV]
@@ -171,7 +171,7 @@ def test_activation_checkpointing_on_and_off(tmp_path, tinyllama):
 def test_a_failed_trial_gives_its_gpu_memory_back(tmp_path, gpu_cache, tinyllama, monkeypatch):
     import optuna
 
-    from finqa_exp.sweep_job import TRIAL_ENV, TrialJob
+    from finqa_exp.sweep.job import TRIAL_ENV, TrialJob
     from finqa_exp.trial import run_trial
     from tests import faults
 

@@ -290,7 +290,7 @@ def test_a_failed_trial_leaves_no_model_or_optimizer_behind(make_cfg, monkeypatc
     exception, traceback and all, is still held (as Hydra's JobReturn holds it)."""
     import optuna
 
-    from finqa_exp.sweep_job import TRIAL_ENV, TrialJob
+    from finqa_exp.sweep.job import TRIAL_ENV, TrialJob
     from finqa_exp.trial import run_trial
     from tests import faults
 

@@ -30,7 +30,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from finqa_exp import study_book as book
+from finqa_exp.sweep import study_book as book
 from tests.conftest import FAST
 from tests.servers import NO_POSTGRES, POSTGRES_URL, postgres_schema, tracking_server
 

@@ -1,6 +1,6 @@
 """Reading runs back: the MLflow store by run id, and the study champions it registers.
 
-Reports (``python -m finqa_exp.report``, finqa_exp/report_data.py) and ``python -m
+Reports (``python -m finqa_exp.report``, finqa_exp/report/data.py) and ``python -m
 finqa_exp.ask`` read the store through :class:`RunStore`; the sweep registers each study's
 best adapter with :func:`register_study_champion`.
 """

@@ -1,7 +1,7 @@
 """Hydra plugin shim for the `finqa_optuna` sweeper: its config schema and plugin class.
 
 Hydra imports every module under `hydra_plugins` at start-up, so this one only declares configs
-and defers the real work (and the Optuna import) to finqa_exp/sweeper.py. Select it with
+and defers the real work (and the Optuna import) to finqa_exp/sweep/sweeper.py. Select it with
 
     python my_app.py -m hydra/sweeper=finqa_optuna hydra.sweeper.n_trials=20
 
@@ -131,7 +131,7 @@ class HyperbandPrunerConf:
 
 @dataclass
 class FinqaOptunaSweeperConf:
-    """hydra.sweeper for `hydra/sweeper=finqa_optuna`; see finqa_exp/sweeper.py for semantics."""
+    """hydra.sweeper for `hydra/sweeper=finqa_optuna`; semantics in finqa_exp/sweep/sweeper.py."""
 
     _target_: str = "hydra_plugins.finqa_optuna_sweeper.finqa_optuna_sweeper.FinqaOptunaSweeper"
     # The sweeper instantiates sampler, pruner, storage and callbacks itself (the grid
@@ -201,10 +201,10 @@ register_configs()
 
 
 class FinqaOptunaSweeper(Sweeper):
-    """The plugin Hydra instantiates; finqa_exp.sweeper.StudySweep does the work."""
+    """The plugin Hydra instantiates; finqa_exp.sweep.sweeper.StudySweep does the work."""
 
     def __init__(self, **settings: Any) -> None:
-        from finqa_exp.sweeper import StudySweep
+        from finqa_exp.sweep.sweeper import StudySweep
 
         super().__init__()
         self._sweep = StudySweep(**settings)

@@ -19,7 +19,7 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finqa_exp.sweeper import current_trial
+from finqa_exp.sweep import current_trial
 
 OFFSET = {"a": 0.0, "b": 1.0, "c": 2.0}
 

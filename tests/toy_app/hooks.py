@@ -1,6 +1,6 @@
 """Sweeper hooks for the toy app: a custom search space and a callback that logs events.
 
-Referenced from the command line by tests/test_sweeper.py, e.g.
+Referenced from the command line by tests/sweep/test_sweeper.py, e.g.
     hydra.sweeper.custom_search_space=hooks.conditional_y
     'hydra.sweeper.callbacks=[{_target_: hooks.EventLog, path: /tmp/events.jsonl}]'
 (`hooks` imports because the app's folder is first on sys.path.)

@@ -1,6 +1,6 @@
 """The report's figures, as PNG files: matplotlib's Agg backend, fixed sizes and styles.
 
-Called by finqa_exp/report.py (``python -m finqa_exp.report study=NAME``). Every function
+Called by finqa_exp/report/build.py (``python -m finqa_exp.report study=NAME``). Every function
 takes plain numbers and writes one PNG; nothing here reads a store. Figures are built
 on ``matplotlib.figure.Figure`` (no pyplot global state) inside a fixed rc context, and
 saved without metadata that varies, so the same numbers give the same bytes.

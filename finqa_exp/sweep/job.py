@@ -1,6 +1,6 @@
 """A sweep's trial job, seen from inside: its Optuna trial, its heartbeat, its memory.
 
-The `finqa_optuna` sweeper (finqa_exp/sweeper.py) launches each trial as a Hydra job
+The `finqa_optuna` sweeper (finqa_exp/sweep/sweeper.py) launches each trial as a Hydra job
 wrapped in :class:`TrialJob`; the objective (finqa_exp/trial.py, or any Hydra app run with
 ``hydra/sweeper=finqa_optuna``) gets its trial from :func:`current_trial` to report
 intermediate values and ask whether to prune. While jobs run, :class:`Heartbeat` keeps
@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 
-from finqa_exp.study_book import HEARTBEAT_ATTR, set_trial_attr, trial_id
+from finqa_exp.sweep.study_book import HEARTBEAT_ATTR, set_trial_attr, trial_id
 
 log = logging.getLogger(__name__)
 

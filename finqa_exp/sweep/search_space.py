@@ -1,9 +1,9 @@
 """Hydra sweep grammar -> Optuna distributions, and sampled params -> Hydra overrides.
 
-The `finqa_optuna` sweeper (finqa_exp/sweeper.py) reads `hydra.sweeper.params` and the command
+The `finqa_optuna` sweeper (finqa_exp/sweep/sweeper.py) reads `hydra.sweeper.params` and the command
 line with these functions; they are pure and unit-tested:
 
-    pytest tests/test_sweeper.py -k search_space
+    pytest tests/sweep/test_sweeper.py -k search_space
 
 Grammar, as in hydra-optuna-sweeper:
     choice(a, b) / a,b / glob(...)    -> CategoricalDistribution

@@ -22,10 +22,11 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from finqa_exp import report, tracking
+from finqa_exp import tracking
 from finqa_exp.config import PathsConfig, TrackingConfig, flatten
-from finqa_exp.report_data import LABELS, STATES, TrialRow
-from finqa_exp.report_numbers import (
+from finqa_exp.report import build as report
+from finqa_exp.report.data import LABELS, STATES, TrialRow
+from finqa_exp.report.numbers import (
     busy_seconds,
     examples_reported,
     planned_examples,
@@ -35,7 +36,7 @@ from tests.conftest import compose_cfg
 
 UNIT = "train_examples"  # training.STEP_UNIT, without importing torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DISTS = {
     "lora.r": CategoricalDistribution([4, 8, 16, 32]),
     "train.batch_size": CategoricalDistribution([2, 4, 8, 16]),

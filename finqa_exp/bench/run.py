@@ -343,8 +343,8 @@ MODEL_SECTIONS = {"padding", "train", "eval"}
 
 def measure(bc: BenchConfig) -> dict[str, Any]:
     """Run the chosen sections; returns the machine, the raw measurements and the rows."""
-    from finqa_exp import bench_measure as m
     from finqa_exp import devices, modeling
+    from finqa_exp.bench import measure as m
     from finqa_exp.config import DataConfig
     from finqa_exp.data import load_splits
 
@@ -420,9 +420,9 @@ def model_rows(
     """The padding, training and evaluation pairs on one loaded base (``source``, 4-bit)."""
     import torch
 
-    from finqa_exp import bench_measure as m
     from finqa_exp import data as data_lib
     from finqa_exp import modeling, training
+    from finqa_exp.bench import measure as m
     from finqa_exp.config import TrainConfig
 
     device = dev.type
@@ -524,7 +524,7 @@ def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     return md, js
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     try:
         bc = typed(cfg, BenchConfig)
@@ -535,7 +535,3 @@ def main(cfg: DictConfig) -> None:
     md, js = write(results, Path(bc.out_dir))
     print(to_markdown(results))
     print(f"written: {md} and {js}")
-
-
-if __name__ == "__main__":
-    main()

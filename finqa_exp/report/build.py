@@ -35,10 +35,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from finqa_exp.config import ConfigError, PathsConfig, TrackingConfig, typed
-from finqa_exp.report_data import ReportError, StudyData, load_study_data, open_study, study_names
-from finqa_exp.report_numbers import best_so_far, loss_curves
-from finqa_exp.report_render import to_html, to_markdown
-from finqa_exp.report_sections import document, report_title
+from finqa_exp.report.data import ReportError, StudyData, load_study_data, open_study, study_names
+from finqa_exp.report.numbers import best_so_far, loss_curves
+from finqa_exp.report.render import to_html, to_markdown
+from finqa_exp.report.sections import document, report_title
 from finqa_exp.tracking import RunStore, TrackingError, champion_name
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ ConfigStore.instance().store(name="report_schema", node=ReportConfig)
 
 def study_plots(data: StudyData, folder: Path, prefix: str) -> dict[str, str]:
     """The study's PNGs in ``folder``; returns plot kind -> file name."""
-    from finqa_exp import report_plots as plot
+    from finqa_exp.report import plots as plot
 
     files: dict[str, str] = {}
 
@@ -108,7 +108,7 @@ def write_plots(studies: Sequence[StudyData], folder: Path) -> dict[str, dict[st
     comparison) -> plot kind -> file name."""
     if len(studies) == 1:
         return {studies[0].name: study_plots(studies[0], folder, "")}
-    from finqa_exp import report_plots
+    from finqa_exp.report import plots as report_plots
 
     plots = {d.name: study_plots(d, folder, f"{d.name}-") for d in studies}
     report_plots.compare_history(
@@ -194,7 +194,7 @@ def write_report(rc: ReportConfig) -> Path:
     return target
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     import optuna
 

@@ -1,7 +1,7 @@
 """The numbers of a sweep report, computed from the trials that report_data read.
 
-Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report.py), through
-finqa_exp/report_sections.py and the plots: wall time and compute by how trials ended,
+Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report/build.py), through
+finqa_exp/report/sections.py and the plots: wall time and compute by how trials ended,
 the training examples and time pruning saved, each param value's effect on the
 objective, base vs tuned improvement, best-so-far and the loss curves in epochs. Pure
 functions of a StudyData or its TrialRows: nothing here reads a store.
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finqa_exp.report_data import FINISHED, StudyData, TrialRow, state_counts
-from finqa_exp.report_render import fmt_value
+from finqa_exp.report.data import FINISHED, StudyData, TrialRow, state_counts
+from finqa_exp.report.render import fmt_value
 from finqa_exp.tracking import RunRecord
 
 # ----------------------------------------------------------------------------- time and compute
@@ -237,7 +237,7 @@ def bucket(dist: Any, value: Any) -> tuple[tuple[Any, ...], str]:
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
     if isinstance(dist, CategoricalDistribution):
-        from finqa_exp.report_plots import choice_order
+        from finqa_exp.report.plots import choice_order
 
         return (choice_order(dist).index(value),), str(value)
     small_int = isinstance(dist, IntDistribution) and (dist.high - dist.low) / dist.step < 8

@@ -1,6 +1,6 @@
 """Study bookkeeping for the finqa_optuna sweeper: slots, retries, surplus and heartbeats.
 
-finqa_exp/sweeper.py runs the sweep (`python -m finqa_exp -m`, or any Hydra app with
+finqa_exp/sweep/sweeper.py runs the sweep (`python -m finqa_exp -m`, or any Hydra app with
 `-m hydra/sweeper=finqa_optuna`); this module decides, from the study's trials alone, how many
 trials are still to ask, which trial fills which slot, which RUNNING trials are stale, how a
 job ended, and writes FAIL / retry / tell records to the study.

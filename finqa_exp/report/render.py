@@ -1,9 +1,9 @@
 """The report's text: values formatted for people, document blocks, Markdown and HTML.
 
-Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report.py). A report is a list
+Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report/build.py). A report is a list
 of blocks (headings, paragraphs, bullets, tables, images) rendered twice, by to_markdown
 and to_html, so both files always say the same thing. Nothing here reads a store or
-knows what a study is: finqa_exp/report_sections.py decides what the blocks say.
+knows what a study is: finqa_exp/report/sections.py decides what the blocks say.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What a sweep report says, section by section, as document blocks.
 
-Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report.py): document() turns
-the studies (finqa_exp/report_data.py) and the file names of their plots into the blocks
-that finqa_exp/report_render.py writes as Markdown and HTML. For each study: summary,
+Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report/build.py): document() turns
+the studies (finqa_exp/report/data.py) and the file names of their plots into the blocks
+that finqa_exp/report/render.py writes as Markdown and HTML. For each study: summary,
 winners, base vs best, what each hyperparameter did, loss curves and example answers; a
 side-by-side table first when there are several. The numbers come from report_data and
 report_numbers; here they only get words and a layout.
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from finqa_exp.report_data import FINISHED, LABELS, STATES, StudyData, TrialRow, state_counts
-from finqa_exp.report_numbers import (
+from finqa_exp.report.data import FINISHED, LABELS, STATES, StudyData, TrialRow, state_counts
+from finqa_exp.report.numbers import (
     Savings,
     compute_spent,
     effects,
@@ -22,7 +22,7 @@ from finqa_exp.report_numbers import (
     pruning_savings,
     wall_time,
 )
-from finqa_exp.report_render import (
+from finqa_exp.report.render import (
     NONE,
     Block,
     Bullets,
@@ -53,7 +53,7 @@ def reason_text(trial: TrialRow) -> str:
 
 
 def override_line(params: Mapping[str, Any]) -> str:
-    from finqa_exp.search_space import format_value
+    from finqa_exp.sweep.search_space import format_value
 
     return " ".join(f"{k}={format_value(v)}" for k, v in sorted(params.items()))
 

@@ -1,8 +1,8 @@
 """The finqa_optuna sweeper: grammar mapping and bookkeeping units, then the real CLI of a toy
 Hydra app (tests/toy_app) run as `python tests/toy_app/app.py -m ...` in subprocesses.
 
-    pytest tests/test_sweeper.py            # about a minute on 2 CPU cores
-    pytest tests/test_sweeper.py -k search_space
+    pytest tests/sweep/test_sweeper.py            # about a minute on 2 CPU cores
+    pytest tests/sweep/test_sweeper.py -k search_space
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 
 import hydra_plugins.finqa_optuna_sweeper.finqa_optuna_sweeper  # noqa: F401  (registers configs)
-from finqa_exp import search_space as ss
-from finqa_exp import study_book as book
-from finqa_exp import study_setup, sweep_job
-from finqa_exp import sweeper as sw
+from finqa_exp.sweep import job as sweep_job
+from finqa_exp.sweep import search_space as ss
+from finqa_exp.sweep import study_book as book
+from finqa_exp.sweep import study_setup
+from finqa_exp.sweep import sweeper as sw
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "tests" / "toy_app" / "app.py"
 TOY_CONF = REPO / "tests" / "toy_app" / "conf"
 SAMPLER_CLASSES = {

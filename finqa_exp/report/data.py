@@ -1,10 +1,10 @@
 """A sweep's trials as a report reads them: the Optuna study joined with its MLflow runs.
 
-Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report.py). Finds and opens
+Used by ``python -m finqa_exp.report study=NAME`` (finqa_exp/report/build.py). Finds and opens
 the studies where ``storage`` points, and load_study_data joins each Optuna trial with its
 MLflow run (read through finqa_exp.tracking) into a StudyData: trials, searched
 distributions, fANOVA importances, the top trials' loss curves and the best trial's
-sample answers. finqa_exp/report_numbers.py computes the rest of the report's numbers
+sample answers. finqa_exp/report/numbers.py computes the rest of the report's numbers
 from it. Nothing here writes a store.
 """
 
@@ -114,7 +114,7 @@ def available_studies(template: str) -> list[str]:
     """Study names found where ``template`` points (every file it matches for ``{study}``)."""
     import optuna
 
-    from finqa_exp.sweeper import open_storage
+    from finqa_exp.sweep.sweeper import open_storage
 
     url = storage_url(template, "*")
     path = storage_file(url)
@@ -157,7 +157,7 @@ def open_study(template: str, name: str) -> Any:
     """The Optuna study, or ReportError naming the studies that do exist."""
     import optuna
 
-    from finqa_exp.sweeper import open_storage
+    from finqa_exp.sweep.sweeper import open_storage
 
     url = storage_url(template, name)
     path = storage_file(url)

@@ -6,16 +6,16 @@
         hydra.sweeper.storage=journal:///abs/path/study.log 'lr=tag(log, interval(1e-5, 1e-3))'
 
 Each round asks Optuna for up to `n_jobs` trials, turns their params into overrides
-(finqa_exp/search_space.py), launches them as Hydra jobs numbered by trial number, and tells
+(finqa_exp/sweep/search_space.py), launches them as Hydra jobs numbered by trial number, and tells
 Optuna how each ended. Inside a job, `current_trial()` gives the objective its own trial to
 report intermediate values to and to ask whether to prune.
 
 Each worker's running trials carry a heartbeat (a system attr refreshed every
 `heartbeat_interval` s), so that another sweep can fail and retry the trials of a killed one.
-The job side (binding a job to its trial, the heartbeat thread): finqa_exp/sweep_job.py.
+The job side (binding a job to its trial, the heartbeat thread): finqa_exp/sweep/job.py.
 Which trials fill the study's `n_trials` slots across re-runs and workers, and how trials are
-failed, retried and told: finqa_exp/study_book.py. Storage and sampler construction:
-finqa_exp/study_setup.py.
+failed, retried and told: finqa_exp/sweep/study_book.py. Storage and sampler construction:
+finqa_exp/sweep/study_setup.py.
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ from optuna.distributions import CategoricalDistribution
 from optuna.storages import BaseStorage, InMemoryStorage
 from optuna.trial import TrialState
 
-from finqa_exp.search_space import SearchSpace, parse_search_space
-from finqa_exp.search_space import trial_overrides as params_to_overrides
-from finqa_exp.study_book import (
+from finqa_exp.sweep.job import TRIAL_ENV, Heartbeat, TrialJob
+
+# The objective's handle on its trial, documented as finqa_exp.sweep.sweeper.current_trial().
+from finqa_exp.sweep.job import current_trial as current_trial
+from finqa_exp.sweep.search_space import SearchSpace, parse_search_space
+from finqa_exp.sweep.search_space import trial_overrides as params_to_overrides
+from finqa_exp.sweep.study_book import (
     SURPLUS_ATTR,
     Outcome,
     contiguous_runs,
@@ -57,7 +61,7 @@ from finqa_exp.study_book import (
     trials_to_ask,
     within_total,
 )
-from finqa_exp.study_setup import (
+from finqa_exp.sweep.study_setup import (
     SweepError,
     build_sampler,
     continued_sampler_conf,
@@ -65,10 +69,6 @@ from finqa_exp.study_setup import (
     study_directions,
     suggest,
 )
-from finqa_exp.sweep_job import TRIAL_ENV, Heartbeat, TrialJob
-
-# The objective's handle on its trial, documented as finqa_exp.sweeper.current_trial().
-from finqa_exp.sweep_job import current_trial as current_trial
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Sweeper settings -> Optuna objects: the storage, directions and sampler of a finqa_optuna study.
 
-Used by finqa_exp/sweeper.py when a sweep starts, e.g.
+Used by finqa_exp/sweep/sweeper.py when a sweep starts, e.g.
 
     python -m finqa_exp -m                                   # conf/search/default.yaml's study
     python my_app.py -m hydra/sweeper=finqa_optuna hydra.sweeper.storage=journal:///abs/study.log
 
-and by the report (finqa_exp/report_data.py) to open the same storages.
+and by the report (finqa_exp/report/data.py) to open the same storages.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from optuna.storages import BaseStorage, InMemoryStorage, JournalStorage, RDBSto
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.exc import SQLAlchemyError
 
-from finqa_exp.search_space import SearchSpace, grid_size, grid_values
+from finqa_exp.sweep.search_space import SearchSpace, grid_size, grid_values
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from finqa_exp import bench
-from finqa_exp.bench_measure import first_trials, padding_share
+from finqa_exp.bench import run as bench
+from finqa_exp.bench.measure import first_trials, padding_share
 from finqa_exp.config import ConfigError, PathsConfig
 
 
@@ -137,7 +137,7 @@ def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path
 def test_random_llama_has_the_shape_and_the_parameter_count_used_for_mfu(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from finqa_exp.bench_measure import count_params, random_llama
+    from finqa_exp.bench.measure import count_params, random_llama
     from finqa_exp.modeling import train_tokenizer
 
     tokenizer = train_tokenizer(["a bond pays interest", "a stock is a share"] * 20, 300)
