@@ -42,7 +42,7 @@ from finqa_exp.config import (
     validate,
 )
 from finqa_exp.data import DataError
-from finqa_exp.tracking import CHAMPION_ALIAS, RunStore, TrackingError, redact
+from finqa_exp.tracking import CHAMPION_ALIAS, RunStore, TrackingError, names, redact
 
 log = logging.getLogger("finqa_exp.ask")
 
@@ -157,12 +157,12 @@ def trial_config(text: str, cache_dir: str) -> FinqaConfig:
 
 def fetch_winner(conf: AskConfig, store: RunStore, workdir: Path) -> Winner:
     run_id, label = resolve_run(conf, store)
-    text = store.text(run_id, "config.yaml")
+    text = store.text(run_id, names.CONFIG_ARTIFACT)
     if text is None:
         raise AskError(f"run {run_id} has no config.yaml: it is not a finqa-exp trial")
-    if not store.has_artifact(run_id, "adapter"):
+    if not store.has_artifact(run_id, names.ADAPTER_ARTIFACT):
         raise AskError(f"run {run_id} has no adapter (tracking.log_adapter=false, or it failed)")
-    adapter = store.download(run_id, "adapter", workdir)
+    adapter = store.download(run_id, names.ADAPTER_ARTIFACT, workdir)
     return Winner(run_id, label, trial_config(text, conf.paths.cache_dir), adapter)
 
 

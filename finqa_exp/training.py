@@ -26,7 +26,7 @@ from transformers import (
 from finqa_exp.config import TrainConfig
 from finqa_exp.data import IGNORE_INDEX
 from finqa_exp.devices import native_bf16
-from finqa_exp.tracking import Tracker
+from finqa_exp.tracking import Tracker, names
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class PruningCallback(TrainerCallback):
         self.sign = -1.0 if maximize else 1.0
         self.train_examples = train_examples
         self.schedule = schedule
-        trial.set_user_attr("step_unit", STEP_UNIT)
+        trial.set_user_attr(names.STEP_UNIT_ATTR, STEP_UNIT)
 
     def step(self, epoch: float, batch_size: int) -> int:
         seen = examples_seen(epoch, batch_size, self.train_examples)

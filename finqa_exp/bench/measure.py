@@ -23,7 +23,7 @@ from finqa_exp import devices, modeling, training
 from finqa_exp.config import LoraConfig, ModelConfig, TrainConfig
 from finqa_exp.data import IGNORE_INDEX
 from finqa_exp.evaluation import generate_answers
-from finqa_exp.tracking import environment_tags
+from finqa_exp.tracking import environment_tags, names
 
 # The seed project's recipe (TinyLlama): LoRA r=16/alpha=32/dropout 0.05 on q,k,v,o_proj,
 # lr 2e-4, batch 8, every example padded to 512 tokens, Trainer defaults otherwise.
@@ -318,7 +318,7 @@ def _run(cmd: list[str], cwd: Path) -> float:
 
 def work_seconds(timings: dict[str, float]) -> float:
     """Training and generation time of one trial, from its ``timings``."""
-    from finqa_exp.trial import WORK_PHASES
+    from finqa_exp.tracking.trial_run import WORK_PHASES
 
     return sum(timings.get(f"time_{name}_s", 0.0) for name in WORK_PHASES)
 
@@ -344,7 +344,7 @@ def sweep_run(
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{root}/studies/{name}.db")
     trials = []
     for t in study.trials:
-        timings = t.user_attrs.get("timings", {})
+        timings = t.user_attrs.get(names.TIMINGS_ATTR, {})
         work = work_seconds(timings)
         trials.append(
             {
@@ -370,7 +370,10 @@ def sweep_run(
         "compute_seconds": sum(t["compute_seconds"] for t in trials),
         "train_seconds": sum(t["train_seconds"] for t in trials),
         "best": max(t["value"] for t in done) if done else None,
-        "states": {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
+        "states": {
+            s: sum(t["state"] == s for t in trials)
+            for s in (names.COMPLETE, names.PRUNED, names.FAIL)
+        },
         "trials": trials,
     }
 
@@ -406,7 +409,7 @@ def seed_noise(root: Path, cache_dir: Path, run: dict[str, Any], extra: list[str
         *params, *extra,
     )  # fmt: skip
     _run(cmd, root)
-    again = json.loads((out / "metrics.json").read_text())["rougeL"]
+    again = json.loads((out / names.METRICS_FILE).read_text())["rougeL"]
     return {
         "sweep_seed": run["seed"],
         "params": best["params"],
@@ -420,7 +423,7 @@ def seed_noise(root: Path, cache_dir: Path, run: dict[str, Any], extra: list[str
 def overhead_of_sweep(run: dict[str, Any]) -> dict[str, Any]:
     """Share of each trial's wall time (as the study saw it) outside training and generation."""
     shares = [
-        1 - t["work_seconds"] / t["seconds"] for t in run["trials"] if t["state"] == "COMPLETE"
+        1 - t["work_seconds"] / t["seconds"] for t in run["trials"] if t["state"] == names.COMPLETE
     ]
     work = sum(t["work_seconds"] for t in run["trials"])
     return {
@@ -434,7 +437,7 @@ def cold_trial(root: Path, cache_dir: Path, extra: list[str]) -> dict[str, Any]:
     """``python -m finqa_exp`` once, as a user runs it: a new process, imports and all."""
     out = root / "cold"
     wall = _run(finqa_command(root, cache_dir, f"hydra.run.dir={out}", *extra), root)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / names.METRICS_FILE).read_text())
     work = work_seconds(metrics)
     return {
         "command_seconds": wall,

@@ -39,7 +39,7 @@ from finqa_exp.report.data import ReportError, StudyData, load_study_data, open_
 from finqa_exp.report.numbers import best_so_far, loss_curves
 from finqa_exp.report.render import to_html, to_markdown
 from finqa_exp.report.sections import document, report_title
-from finqa_exp.tracking import RunStore, TrackingError, champion_name
+from finqa_exp.tracking import RunStore, TrackingError, champion_name, names
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def keep_champions(rc: ReportConfig, studies: Sequence[StudyData], store: RunSto
             owner = next(d for d in group if d.best is best)
             tags = {
                 "study": owner.name,
-                "trial_number": str(best.number),
+                names.TRIAL_NUMBER_TAG: str(best.number),
                 "objective": repr(best.value),
             }
             store.register_champion(model, best.run.run_id, alias=rc.alias, tags=tags)

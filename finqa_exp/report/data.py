@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finqa_exp.tracking import Champion, RunRecord, RunStore, redact
+from finqa_exp.tracking import Champion, RunRecord, RunStore, names, redact
 
-STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+STATES = (names.COMPLETE, names.PRUNED, names.FAIL, "RUNNING", "WAITING")
 FINISHED = STATES[:3]
-LABELS = {s: s.lower() for s in STATES} | {"FAIL": "failed"}
+LABELS = {s: s.lower() for s in STATES} | {names.FAIL: "failed"}
 
 
 class ReportError(RuntimeError):
@@ -74,7 +74,7 @@ class StudyData:
     @property
     def ranked(self) -> list[TrialRow]:
         """Complete trials, best first (ties: lower trial number first)."""
-        done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
+        done = [t for t in self.trials if t.state == names.COMPLETE and t.value is not None]
         sign = -1.0 if self.maximize else 1.0
         return sorted(done, key=lambda t: (sign * t.value, t.number))
 
@@ -172,19 +172,19 @@ def open_study(template: str, name: str) -> Any:
 def trial_rows(study: Any, store: RunStore) -> list[TrialRow]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        run_id = t.user_attrs.get("mlflow_run_id")
+        run_id = t.user_attrs.get(names.RUN_ID_ATTR)
         rows.append(
             TrialRow(
                 number=t.number,
                 state=t.state.name,
-                value=t.value if t.state.name == "COMPLETE" else None,
+                value=t.value if t.state.name == names.COMPLETE else None,
                 params=dict(t.params),
                 run=store.run(run_id) if run_id else None,
                 start=t.datetime_start.timestamp() if t.datetime_start else None,
                 end=t.datetime_complete.timestamp() if t.datetime_complete else None,
                 steps_reported=tuple(sorted(t.intermediate_values)),
                 fail_reason=t.user_attrs.get("fail_reason"),
-                step_unit=t.user_attrs.get("step_unit"),
+                step_unit=t.user_attrs.get(names.STEP_UNIT_ATTR),
             )
         )
     return rows
@@ -239,7 +239,7 @@ def load_study_data(
     counts = state_counts(trials)
     if not trials:
         raise ReportError(f"study '{name}' has no trials yet")
-    if counts["COMPLETE"] == 0:
+    if counts[names.COMPLETE] == 0:
         detail = ", ".join(f"{n} {LABELS[s]}" for s, n in counts.items() if n)
         reasons = [t.fail_reason for t in trials if t.fail_reason]
         why = f"; first failure: {reasons[0].splitlines()[0][:200]}" if reasons else ""
@@ -259,7 +259,7 @@ def load_study_data(
     best = data.best
     if best.run is not None:
         data.metric = best.run.params.get("study.metric", "objective")
-    data.importances, data.importance_note = param_importances(study, counts["COMPLETE"])
+    data.importances, data.importance_note = param_importances(study, counts[names.COMPLETE])
     for t in data.ranked[:curves_top_k]:
         if t.run is not None:
             data.curves[t.number] = (
@@ -267,5 +267,5 @@ def load_study_data(
                 logged_steps(store.history(t.run.run_id, "eval_loss")),
             )
     if best.run is not None:
-        data.samples = store.table(best.run.run_id, "samples.json")[:num_examples]
+        data.samples = store.table(best.run.run_id, names.SAMPLES_ARTIFACT)[:num_examples]
     return data

@@ -17,9 +17,19 @@ from typing import Any
 
 from finqa_exp.report.data import FINISHED, StudyData, TrialRow, state_counts
 from finqa_exp.report.render import fmt_value
-from finqa_exp.tracking import RunRecord
+from finqa_exp.tracking import RunRecord, names
 
 # ----------------------------------------------------------------------------- time and compute
+
+
+def choice_order(dist: Any) -> list[Any]:
+    """A categorical param's choices in reading order: numbers ascending, then the rest."""
+
+    def key(choice: Any) -> tuple[int, Any]:
+        numeric = isinstance(choice, (int, float)) and not isinstance(choice, bool)
+        return (0, choice) if numeric else (1, str(choice))
+
+    return sorted(dist.choices, key=key)
 
 
 def busy_seconds(intervals: Sequence[tuple[float, float]]) -> float:
@@ -183,7 +193,7 @@ def pruning_savings(trials: Sequence[TrialRow]) -> Savings:
     planned_examples. Time saved is an estimate: skipped examples times the complete
     trials' mean train_time_s per example trained on.
     """
-    complete = [t for t in trials if t.state == "COMPLETE" and t.run is not None]
+    complete = [t for t in trials if t.state == names.COMPLETE and t.run is not None]
     done = [(t, planned_examples(t, complete)) for t in complete]
     done = [(t, n) for t, n in done if n]
     rates = [t.run.metrics["train_time_s"] / n for t, n in done if "train_time_s" in t.run.metrics]
@@ -237,8 +247,6 @@ def bucket(dist: Any, value: Any) -> tuple[tuple[Any, ...], str]:
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
     if isinstance(dist, CategoricalDistribution):
-        from finqa_exp.report.plots import choice_order
-
         return (choice_order(dist).index(value),), str(value)
     small_int = isinstance(dist, IntDistribution) and (dist.high - dist.low) / dist.step < 8
     if small_int and not dist.log:
@@ -277,7 +285,7 @@ def effects(data: StudyData, name: str) -> list[Effect]:
     out = []
     for key in sorted(groups):
         label, members = groups[key]
-        values = [t.value for t in members if t.state == "COMPLETE" and t.value is not None]
+        values = [t.value for t in members if t.state == names.COMPLETE and t.value is not None]
         best = (max if data.maximize else min)(values) if values else None
         counts = state_counts(members, FINISHED)
         out.append(Effect(label, counts, best, statistics.fmean(values) if values else None))

@@ -15,6 +15,9 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
+from finqa_exp.report.numbers import choice_order
+from finqa_exp.tracking import names
+
 STYLE = {
     "font.size": 9,
     "axes.titlesize": 10,
@@ -56,16 +59,6 @@ def _styled(draw):
     return wrapper
 
 
-def choice_order(dist: CategoricalDistribution) -> list[Any]:
-    """A categorical param's choices in reading order: numbers ascending, then the rest."""
-
-    def key(choice: Any) -> tuple[int, Any]:
-        numeric = isinstance(choice, (int, float)) and not isinstance(choice, bool)
-        return (0, choice) if numeric else (1, str(choice))
-
-    return sorted(dist.choices, key=key)
-
-
 def axis_values(dist: BaseDistribution, values: Sequence[Any]) -> tuple[list[float], Any]:
     """Numbers to plot a param's values at, and the categorical ticks (None if numeric)."""
     if isinstance(dist, CategoricalDistribution):
@@ -89,7 +82,7 @@ def history(
     """Objective per trial number, best so far as a step line; pruned/failed on the axis."""
     fig = _figure(7.5, 3.6)
     ax = fig.add_subplot()
-    done = [(n, v) for n, v, state in finished if state == "COMPLETE" and v is not None]
+    done = [(n, v) for n, v, state in finished if state == names.COMPLETE and v is not None]
     if done:
         xs, ys = zip(*done)
         ax.scatter(xs, ys, color=COLORS[0], s=28, label="complete", zorder=3)

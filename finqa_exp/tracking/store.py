@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finqa_exp.tracking import TrackingError, redact
+from finqa_exp.tracking import names
+from finqa_exp.tracking.reach import TrackingError, redact
 
 CHAMPION_ALIAS = "champion"
 
@@ -142,7 +143,7 @@ class RunStore:
         self,
         model_name: str,
         run_id: str,
-        artifact_path: str = "adapter",
+        artifact_path: str = names.ADAPTER_ARTIFACT,
         alias: str = CHAMPION_ALIAS,
         tags: dict[str, str] | None = None,
     ) -> Champion:
@@ -193,12 +194,12 @@ def register_study_champion(
         best = study.best_trial
     except (ValueError, RuntimeError):  # no complete trial, or a multi-objective study
         return None
-    run_id = best.user_attrs.get("mlflow_run_id")
+    run_id = best.user_attrs.get(names.RUN_ID_ATTR)
     if run_id is None:
         return None
     tags = {
-        "study": study.study_name,
-        "trial_number": str(best.number),
+        names.STUDY_TAG: study.study_name,
+        names.TRIAL_NUMBER_TAG: str(best.number),
         "objective": repr(float(best.value)),
     }
     return RunStore(uri).register_champion(

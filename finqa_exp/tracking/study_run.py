@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from finqa_exp.config import TrackingConfig
-from finqa_exp.tracking import FAILED, FINISHED, KILLED, MlflowTracker
+from finqa_exp.tracking import names
+from finqa_exp.tracking.runs import FAILED, FINISHED, KILLED, MlflowTracker
 from finqa_exp.tracking.store import register_study_champion
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class StudyRun:
         hydra.sweeper.callbacks: [{_target_: finqa_exp.tracking.StudyRun, ...}]
     """
 
-    PARENT_ATTR = "mlflow_parent_run_id"
+    PARENT_ATTR = names.PARENT_RUN_ATTR
 
     def __init__(
         self,
@@ -94,7 +95,7 @@ class StudyRun:
             parent = client.create_run(
                 self.tracker.experiment_id,
                 run_name=study.study_name,
-                tags={"study": study.study_name, "optuna_role": "study"},
+                tags={names.STUDY_TAG: study.study_name, names.ROLE_TAG: "study"},
             ).info.run_id
             study.set_user_attr(self.PARENT_ATTR, parent)
             self._created_parent = parent
@@ -175,7 +176,7 @@ class StudyRun:
 
     def _close_leftover(self, trial: Any) -> None:
         """End a trial's run that is still RUNNING although its trial is over."""
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = trial.user_attrs.get(names.RUN_ID_ATTR)
         state = trial.state.name
         if run_id is None or state in ("RUNNING", "WAITING"):
             return
@@ -186,7 +187,7 @@ class StudyRun:
             return
         if run.info.status != "RUNNING":
             return
-        status = {"COMPLETE": FINISHED, "PRUNED": KILLED}.get(state, FAILED)
+        status = {names.COMPLETE: FINISHED, names.PRUNED: KILLED}.get(state, FAILED)
         # Workers starting together close the same leftovers of a killed sweep.
-        retry_concurrent(lambda: client.set_tag(run_id, "optuna_state", state))
+        retry_concurrent(lambda: client.set_tag(run_id, names.STATE_TAG, state))
         client.set_terminated(run_id, status=status)

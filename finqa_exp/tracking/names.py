@@ -1,0 +1,29 @@
+"""The names a trial's records go under, defined once.
+
+A trial writes them (finqa_exp/trial.py, through tracking.TrialRun); the study's parent run
+(tracking.study_run), the report, ``ask``, the champion's registration and the bench read
+them. A writer and its readers import the same constant, so they cannot drift apart.
+"""
+
+# Optuna user attributes.
+RUN_ID_ATTR = "mlflow_run_id"  # of a trial: its MLflow run
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # of a study: its parent MLflow run
+TIMINGS_ATTR = "timings"  # of a trial: time_<phase>_s, trial_time_s, overhead_share
+STEP_UNIT_ATTR = "step_unit"  # of a trial: the unit of its intermediate values' steps
+
+# MLflow tags.
+STATE_TAG = "optuna_state"  # of a trial's run: how the trial ended (a state below)
+ERROR_TAG = "error"  # of a failed or pruned trial's run: the exception, one line
+STUDY_TAG = "study"  # the study's name, on its parent run and every trial's run
+TRIAL_NUMBER_TAG = "trial_number"
+ROLE_TAG = "optuna_role"  # "study" on a study's parent run
+PEAK_MEMORY_KIND_TAG = "peak_memory_kind"  # what peak_memory_mb measured
+
+# Trial states, as Optuna names them (TrialState.name).
+COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
+
+# Artifacts of a trial's run, and the file beside its adapter in the job folder.
+CONFIG_ARTIFACT = "config.yaml"
+SAMPLES_ARTIFACT = "samples.json"
+ADAPTER_ARTIFACT = "adapter"
+METRICS_FILE = "metrics.json"
