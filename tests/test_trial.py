@@ -277,7 +277,7 @@ def test_how_often_a_trial_is_evaluated_does_not_change_what_it_learns(make_cfg)
 
 
 def test_phase_times_add_up_and_overhead_is_their_complement():
-    from finqa_exp.trial import phase_metrics
+    from finqa_exp.tracking.trial_run import phase_metrics
 
     timings = phase_metrics({"load": 1.0, "train": 6.0, "generate_tuned": 2.0, "save": 0.5}, 10.0)
     assert timings["time_train_s"] == 6.0 and timings["trial_time_s"] == 10.0
