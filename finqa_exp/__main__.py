@@ -11,17 +11,13 @@ composed config and turns bad input into a one-line error.
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from finqa_exp.config import ConfigError, register_configs
-from finqa_exp.data import DataError
-from finqa_exp.tracking import TrackingError
+from finqa_exp.config import register_configs
+from finqa_exp.errors import exit_on_bad_input
 
 register_configs()
 
@@ -30,16 +26,10 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     from finqa_exp.trial import run_trial
 
-    try:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return run_trial(cfg)  # the sweeper records a failed trial and goes on
+    with exit_on_bad_input("finqa_exp"):
         return run_trial(cfg)
-    except (ConfigError, DataError, TrackingError) as err:
-        # In a sweep the sweeper records the failed trial and goes on; alone, say what is
-        # wrong in one line and exit non-zero.
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        logging.getLogger("finqa_exp").debug("bad input", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

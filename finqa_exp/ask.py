@@ -41,8 +41,8 @@ from finqa_exp.config import (
     TrackingConfig,
     validate,
 )
-from finqa_exp.data import DataError
-from finqa_exp.tracking import CHAMPION_ALIAS, RunStore, TrackingError, names, redact
+from finqa_exp.errors import BadInput, exit_on_bad_input
+from finqa_exp.tracking import CHAMPION_ALIAS, RunStore, names, redact
 
 log = logging.getLogger("finqa_exp.ask")
 
@@ -51,7 +51,7 @@ _OVERRIDE = re.compile(r"^(~|\+{1,2})?[A-Za-z_][\w.@/-]*(=|$)")
 EXPORT_INFO = "finqa_export.json"
 
 
-class AskError(RuntimeError):
+class AskError(BadInput, RuntimeError):
     """No model to ask (no champion, unknown run, a base that does not match); one line."""
 
 
@@ -260,7 +260,7 @@ def run(argv: Sequence[str]) -> int:
     questions, overrides = split_args(args.items)
     if not questions and not args.export_merged:
         parser.error("give a question, or --export-merged DIR")
-    try:
+    with exit_on_bad_input("finqa_exp.ask"):
         conf = compose(overrides)
         for key, value in (
             ("registered_model", args.model),
@@ -281,10 +281,6 @@ def run(argv: Sequence[str]) -> int:
             if questions:
                 for question, reply in zip(questions, answer(winner, questions, conf)):
                     print(f"Q: {question}\nA: {reply}\n")
-    except (AskError, ConfigError, DataError, TrackingError) as err:
-        log.debug("ask failed", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -19,10 +19,12 @@ from typing import Any, TypeVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from finqa_exp.errors import BadInput
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A configuration value is out of range or inconsistent. The message names key and value."""
 
 

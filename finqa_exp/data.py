@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from finqa_exp.config import DataConfig
+from finqa_exp.errors import BadInput
 from finqa_exp.prompts import format_prompt, merge_instruction
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
@@ -37,7 +38,7 @@ _ALIASES = {
 _READERS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """The data cannot be used; the message says which file and why."""
 
 

@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finqa_exp.errors import BadInput
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,7 +41,7 @@ LOCK_DIR_ENV = "FINQA_GPU_LOCK_DIR"  # where the per-GPU lock files live (tests 
 _claim: tuple[str, Any] | None = None
 
 
-class DeviceError(RuntimeError):
+class DeviceError(BadInput, RuntimeError):
     """The process cannot be given the device it asks for."""
 
 

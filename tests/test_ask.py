@@ -98,15 +98,22 @@ def test_run_id_and_model_name_pick_the_same_run(logged, capsys):
         assert capsys.readouterr().out == f"Q: {QUESTIONS[0]}\nA: {expected[0]}\n\n"
 
 
+def exit_code(argv: list[str]) -> int:
+    """``ask.run``'s exit code for bad input (it exits, as the command does)."""
+    with pytest.raises(SystemExit) as exited:
+        ask.run(argv)
+    return exited.value.code
+
+
 def test_no_champion_or_unknown_run_is_one_line(logged, tmp_path, capsys):
     root, *_ = logged
-    assert ask.run(["What?", *args(root), "--model", "nope"]) == 1
+    assert exit_code(["What?", *args(root), "--model", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
         f"error: no model 'nope' with alias 'champion' in sqlite:///{root}/mlflow.db; "
         f"models with it: {MODEL}"
     )
-    assert ask.run(["What?", *args(root), "--run-id", "0" * 32]) == 1
+    assert exit_code(["What?", *args(root), "--run-id", "0" * 32]) == 2
     assert capsys.readouterr().err.strip().startswith(f"error: no run {'0' * 32} in ")
 
 
@@ -118,14 +125,14 @@ def test_ask_command_without_champion_exits_with_one_line(logged, tmp_path):
         proc = ask_command(root)
     finally:
         store.client.set_registered_model_alias(MODEL, "champion", "1")
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"error: no registered model has alias 'champion' in sqlite:///{root}/mlflow.db: "
         "run `python -m finqa_exp.report study=NAME` (or a sweep) first, or pass --run-id"
     ]
     assert proc.stdout == ""
     proc = ask_command(tmp_path)  # no store at all
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"error: tracking.uri=sqlite:///{tmp_path}/mlflow.db: no MLflow store there"
     )
@@ -173,4 +180,4 @@ def test_export_merged_is_a_plain_model_with_the_adapter_folded_in(logged, tmp_p
     assert torch.allclose(got, want, atol=1e-4)
     assert not torch.allclose(got, base_logits, atol=1e-2)  # the adapter did change it
 
-    assert ask.run([*args(root), "--export-merged", str(target)]) == 1  # never overwrites
+    assert exit_code([*args(root), "--export-merged", str(target)]) == 2  # never overwrites

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from finqa_exp.config import (
     register_configs,
     typed,
 )
+from finqa_exp.errors import exit_on_bad_input
 
 log = logging.getLogger(__name__)
 
@@ -526,12 +526,9 @@ def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_bad_input("finqa_exp.bench"):
         bc = typed(cfg, BenchConfig)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    results = measure(bc)
+        results = measure(bc)
     md, js = write(results, Path(bc.out_dir))
     print(to_markdown(results))
     print(f"written: {md} and {js}")

@@ -1,5 +1,8 @@
 """``python -m finqa_exp.report study=NAME``: see finqa_exp/report/build.py."""
 
-from finqa_exp.report.build import main
+import sys
 
+from finqa_exp.report.build import main, study_shorthand
+
+sys.argv[1:] = study_shorthand(sys.argv[1:])
 main()

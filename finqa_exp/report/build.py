@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,11 +34,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from finqa_exp.config import ConfigError, PathsConfig, TrackingConfig, typed
+from finqa_exp.errors import exit_on_bad_input
 from finqa_exp.report.data import ReportError, StudyData, load_study_data, open_study, study_names
 from finqa_exp.report.numbers import best_so_far, loss_curves
 from finqa_exp.report.render import to_html, to_markdown
 from finqa_exp.report.sections import document, report_title
-from finqa_exp.tracking import RunStore, TrackingError, champion_name, names
+from finqa_exp.tracking import RunStore, champion_name, names
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,6 @@ def main(cfg: DictConfig) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
+    with exit_on_bad_input("finqa_exp.report"):
         folder = write_report(typed(cfg, ReportConfig))
-    except (ReportError, ConfigError, TrackingError) as err:
-        log.debug("no report", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
     print(f"report: {folder / 'report.md'} and {folder / 'report.html'}")
-
-
-if __name__ == "__main__":
-    sys.argv[1:] = study_shorthand(sys.argv[1:])
-    main()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finqa_exp.errors import BadInput
 from finqa_exp.tracking import Champion, RunRecord, RunStore, names, redact
 
 STATES = (names.COMPLETE, names.PRUNED, names.FAIL, "RUNNING", "WAITING")
@@ -22,7 +23,7 @@ FINISHED = STATES[:3]
 LABELS = {s: s.lower() for s in STATES} | {names.FAIL: "failed"}
 
 
-class ReportError(RuntimeError):
+class ReportError(BadInput, RuntimeError):
     """Nothing to report (missing, empty or all-failed study); the message is one line."""
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from finqa_exp.errors import BadInput
 
-class TrackingError(RuntimeError):
+
+class TrackingError(BadInput, RuntimeError):
     """The tracking store cannot be used; raised before any training starts."""
 
 

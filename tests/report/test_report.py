@@ -543,7 +543,7 @@ def test_missing_study_lists_the_others_on_one_line(stores):
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input
     assert proc.stderr.strip() == (
         f"error: no study 'nope' in {stores}/studies; "
         "studies there: broken, empty, known, known2, running"
