@@ -211,3 +211,31 @@ def tell(study: optuna.Study, number: int, outcome: Outcome) -> FrozenTrial:
         if "Study.stop" not in str(err) or isinstance(err, UpdateFinishedTrialError):
             raise
     return study.get_trials(deepcopy=False)[number]
+
+
+def ending_line(trial: FrozenTrial, study: optuna.Study) -> str:
+    """How a trial ended, in one line of the sweep's log, with the study's best so far:
+    ``Trial 3 COMPLETE: 0.1673; best so far 0.1673 (trial 3)``, ``Trial 4 PRUNED at step
+    83 (value there 4.21); ...``, ``Trial 5 FAIL: OutOfMemoryError: ...; ...``."""
+    state = trial.state.name
+    if state == "COMPLETE":
+        what = f"COMPLETE: {_values(trial.values)}"
+    elif state == "PRUNED" and trial.intermediate_values:
+        step = max(trial.intermediate_values)
+        what = f"PRUNED at step {step} (value there {trial.intermediate_values[step]:.4g})"
+    elif state == "FAIL":
+        what = f"FAIL: {trial.user_attrs.get(FAIL_REASON, 'unknown')}"
+    else:
+        what = state
+    best = ""
+    if len(study.directions) == 1:
+        try:
+            top = study.best_trial
+            best = f"; best so far {_values(top.values)} (trial {top.number})"
+        except ValueError:
+            best = "; no complete trial yet"
+    return f"Trial {trial.number} {what}{best}"
+
+
+def _values(values: Sequence[float] | None) -> str:
+    return ", ".join(f"{v:.4g}" for v in values or ())

@@ -49,6 +49,7 @@ from finqa_exp.sweep.study_book import (
     Outcome,
     contiguous_runs,
     describe,
+    ending_line,
     enqueue_retry,
     fail_trial,
     job_outcome,
@@ -339,16 +340,18 @@ class SweepRun:
     def _finish(self, number: int, outcome: Outcome) -> None:
         if outcome.state == TrialState.FAIL:
             self.failures.append(f"trial {number}: {outcome.reason}")
-            log.error("Trial %d failed: %s", number, outcome.reason, exc_info=outcome.error)
+            # The traceback for whoever debugs; the log's line for the trial comes below.
+            log.debug("Trial %d failed", number, exc_info=outcome.error)
             frozen = fail_trial(self.study, number, outcome.reason or "unknown")
         else:
             frozen = tell(self.study, number, outcome)
-            log.info("Trial %d %s: %s", number, frozen.state.name, frozen.values)
         if frozen is None:
             log.warning(
                 "Trial %d was finished by another worker (its heartbeat looked stale)", number
             )
             return
+        line = ending_line(frozen, self.study)
+        (log.error if frozen.state == TrialState.FAIL else log.info)(line)
         _notify(self.callbacks, "on_trial_end", self.study, frozen)
 
     def _ask(self, count: int, heartbeat: Heartbeat) -> list[tuple[int, list[str]]]:

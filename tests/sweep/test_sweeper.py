@@ -287,6 +287,33 @@ def test_outcomes_never_complete_a_nan_and_read_job_returns():
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_each_trial_ends_in_one_log_line_with_the_best_so_far():
+    study = optuna.create_study(direction="maximize")
+    assert book.ending_line(frozen(0, TrialState.FAIL), study) == (
+        "Trial 0 FAIL: unknown; no complete trial yet"
+    )
+    study.add_trial(
+        create_trial(state=TrialState.COMPLETE, value=0.16734, params={}, distributions={})
+    )
+    pruned = create_trial(
+        state=TrialState.PRUNED, intermediate_values={42: -4.5, 84: -4.2}, params={},
+        distributions={},
+    )  # fmt: skip
+    pruned.number = 1
+    assert book.ending_line(pruned, study) == (
+        "Trial 1 PRUNED at step 84 (value there -4.2); best so far 0.1673 (trial 0)"
+    )
+    failed = create_trial(
+        state=TrialState.FAIL, user_attrs={book.FAIL_REASON: "OutOfMemoryError: CUDA"},
+        params={}, distributions={},
+    )  # fmt: skip
+    failed.number = 2
+    assert book.ending_line(failed, study).startswith("Trial 2 FAIL: OutOfMemoryError: CUDA;")
+    assert book.ending_line(study.trials[0], study) == (
+        "Trial 0 COMPLETE: 0.1673; best so far 0.1673 (trial 0)"
+    )
+
+
 def test_retry_is_queued_once_with_the_same_params():
     study = optuna.create_study()
     study.add_trial(
