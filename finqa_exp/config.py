@@ -371,26 +371,26 @@ METRICS = ("rouge1", "rouge2", "rougeL", "eval_loss")
 
 
 @dataclass
-class StudyConfig:
+class ObjectiveConfig:
     """What a trial returns to the sweep: the metric, and which way is better."""
 
-    name: str = "finqa_tiny"
     metric: str = "rougeL"
     direction: str = "maximize"
 
     def __post_init__(self) -> None:
         _require(
-            self.metric in METRICS, f"study.metric must be one of {METRICS}, got '{self.metric}'"
+            self.metric in METRICS,
+            f"objective.metric must be one of {METRICS}, got '{self.metric}'",
         )
         directions = ("maximize", "minimize")
         _require(
             self.direction in directions,
-            f"study.direction must be one of {directions}, got '{self.direction}'",
+            f"objective.direction must be one of {directions}, got '{self.direction}'",
         )
         better_low = self.metric == "eval_loss"
         _require(
             (self.direction == "minimize") == better_low,
-            f"study.direction={self.direction} does not fit study.metric={self.metric} "
+            f"objective.direction={self.direction} does not fit objective.metric={self.metric} "
             f"(eval_loss is minimized, ROUGE maximized)",
         )
 
@@ -407,14 +407,14 @@ class FinqaConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     # The experiment preset in use (null: plain defaults); recorded with every run.
     experiment: str | None = None
 
     def __post_init__(self) -> None:
         _require(
-            not (self.study.metric == "eval_loss" and self.train.eval_strategy == "no"),
-            "study.metric=eval_loss needs train.eval_strategy=epoch or steps, got 'no'",
+            not (self.objective.metric == "eval_loss" and self.train.eval_strategy == "no"),
+            "objective.metric=eval_loss needs train.eval_strategy=epoch or steps, got 'no'",
         )
 
 

@@ -68,7 +68,7 @@ class Answers:
 
 
 def run_trial(cfg: DictConfig) -> float:
-    """Run one trial for the composed config and return its objective (``study.metric``)."""
+    """Run one trial for the composed config and return its objective (``objective.metric``)."""
     return execute(cfg).objective
 
 
@@ -106,7 +106,7 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
         with run.phase("record"):
             samples = record(conf, tracker, metrics, test, before, after)
         return TrialResult(
-            objective=metrics[conf.study.metric],
+            objective=metrics[conf.objective.metric],
             metrics=run.complete(metrics),
             run_id=run.run_id,
             adapter_dir=adapter_dir,
@@ -237,7 +237,7 @@ def train_adapter(
     tracker.log_metrics({"train_examples": n, "steps_per_epoch": epoch_steps})
     callbacks = training.extra_callbacks(conf.train.callbacks)
     if trial is not None:
-        maximize = conf.study.direction == "maximize"
+        maximize = conf.objective.direction == "maximize"
         schedule = training.eval_schedule(conf.train, n)
         callbacks.append(training.PruningCallback(trial, maximize, n, schedule))
     out_dir = Path(conf.paths.output_dir) / "trainer"
@@ -272,10 +272,10 @@ def trial_metrics(
         metrics["eval_loss"] = trained.history.eval[-1][1]
     if trained.history.train:
         metrics["final_train_loss"] = trained.history.train[-1][1]
-    if conf.study.metric not in metrics:
+    if conf.objective.metric not in metrics:
         raise ValueError(
-            f"study.metric={conf.study.metric} was not measured (eval loss needs a test split "
-            f"and train.eval_strategy other than 'no')"
+            f"objective.metric={conf.objective.metric} was not measured (eval loss needs a "
+            f"test split and train.eval_strategy other than 'no')"
         )
     return metrics
 

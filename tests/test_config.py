@@ -65,7 +65,7 @@ def test_seed_llama2_7b_is_the_reference_recipe(tmp_path):
         ("train.scheduler=warp", "train.scheduler must be one of"),
         ("quant.compute_dtype=float8", "quant.compute_dtype must be one of"),
         ("data.test_size=0", "data.test_size must be > 0"),
-        ("study.metric=eval_loss", "does not fit study.metric=eval_loss"),
+        ("objective.metric=eval_loss", "does not fit objective.metric=eval_loss"),
         ("data=local", "data.path is required for data.source=local"),
     ],
 )

@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial
 from tests.conftest import FAST
 
 REPO = Path(__file__).resolve().parents[1]
-STUDY = "finqa_tiny_finqa_sample"  # study.name _ data.name of the default config
+STUDY = "finqa_tiny_finqa_sample"  # the default hydra.sweeper.study_name: finqa_<model>_<data>
 
 pytestmark = pytest.mark.slow
 

@@ -83,7 +83,7 @@ def trial_cfg(root: Path, cache: Path, source: Path, *overrides: str):
             "train.batch_size=8",
             "train.learning_rate=2e-4",
             "train.eval_strategy=no",
-            "study.metric=rougeL",
+            "objective.metric=rougeL",
             "eval.max_questions=8",
             "eval.max_new_tokens=16",
             *overrides,

@@ -333,7 +333,7 @@ def sweep_run(
         root,
         cache_dir,
         "-m",
-        f"study.name={name}",
+        f"hydra.sweeper.study_name={name}",
         f"hydra.sweeper.n_trials={n_trials}",
         f"hydra.sweeper.sampler.seed={seed}",
         f"hydra.sweep.dir={root}/multirun/{name}",

@@ -259,7 +259,7 @@ def load_study_data(
     )
     best = data.best
     if best.run is not None:
-        data.metric = best.run.params.get("study.metric", "objective")
+        data.metric = best.run.params.get("objective.metric", "objective")
     data.importances, data.importance_note = param_importances(study, counts[names.COMPLETE])
     for t in data.ranked[:curves_top_k]:
         if t.run is not None:
