@@ -191,9 +191,12 @@ def load_tuned(winner: Winner, merged_dtype: bool = False) -> tuple[Any, Any]:
     ``merged_dtype`` loads the base unquantized (``quant.compute_dtype``: fp32 on CPU), as
     merging LoRA weights into 4-bit weights would round them away.
     """
+    from finqa_exp import devices
+
+    dev = devices.device()  # first: importing peft (and bitsandbytes) starts CUDA
     import peft
 
-    from finqa_exp import devices, modeling
+    from finqa_exp import modeling
 
     trial = winner.conf
     source = base_source(trial)
@@ -202,7 +205,7 @@ def load_tuned(winner: Winner, merged_dtype: bool = False) -> tuple[Any, Any]:
     quant = trial.quant
     if merged_dtype:
         quant = QuantConfig(name="none", load_in_4bit=False, compute_dtype=quant.compute_dtype)
-    base = modeling.load_base_model(source, trial.model, quant, devices.device())
+    base = modeling.load_base_model(source, trial.model, quant, dev)
     model = peft.PeftModel.from_pretrained(base, str(winner.adapter_dir))
     model.eval()
     return model, tokenizer

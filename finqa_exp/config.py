@@ -432,6 +432,15 @@ def _register_resolvers() -> None:
     # per_gpu launcher runs that many trials at a time, one on each GPU.
     if not OmegaConf.has_resolver("finqa.gpus"):
         OmegaConf.register_new_resolver("finqa.gpus", _gpus_for_trials)
+    # ${finqa.parallel:N} is how many jobs a launcher's n_jobs=N runs at once, in joblib's
+    # terms (-1: one per CPU, -2: all CPUs but one): the sweeper launches that many trials.
+    if not OmegaConf.has_resolver("finqa.parallel"):
+        OmegaConf.register_new_resolver("finqa.parallel", _parallel_jobs)
+
+
+def _parallel_jobs(n_jobs: int) -> int:
+    n = int(n_jobs)
+    return n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)
 
 
 def _gpus_for_trials() -> int:

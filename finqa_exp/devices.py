@@ -18,10 +18,12 @@ this module without importing torch until it must.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import logging
 import os
-import tempfile
+import re
+import time
+from itertools import takewhile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 DEVICE_ENV = "FINQA_DEVICE"  # auto (default) | cpu | cuda
 VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 LOCK_DIR_ENV = "FINQA_GPU_LOCK_DIR"  # where the per-GPU lock files live (tests move it)
+# One folder for every process and user of the machine (not $TMPDIR, which may differ).
+DEFAULT_LOCK_DIR = "/tmp/finqa-exp-gpus"
+WAIT_POLL_S = 1.0  # how often a process that found every GPU taken tries them all again
 
 # This process's GPU: (CUDA_VISIBLE_DEVICES entry, open lock file). The lock is released
 # by the operating system when the process ends, however it ends.
@@ -62,8 +67,10 @@ def visible_gpus() -> list[str]:
         return []
     listed = os.environ.get(VISIBLE_ENV)
     if listed is not None:
-        # CUDA stops at the first entry it cannot use; an empty value hides every GPU.
-        return [e.strip() for e in listed.split(",") if e.strip() and not e.strip().startswith("-")]
+        # CUDA stops at the first entry it cannot use (a negative index); an empty value
+        # hides every GPU.
+        entries = [e.strip() for e in listed.split(",") if e.strip()]
+        return list(takewhile(lambda e: not e.startswith("-"), entries))
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
@@ -75,23 +82,27 @@ def gpu_count() -> int:
 
 
 def _lock_dir() -> Path:
-    folder = Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "finqa-exp-gpus")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(os.environ.get(LOCK_DIR_ENV) or DEFAULT_LOCK_DIR)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # every user's trial processes share it
+            folder.chmod(0o1777)
     return folder
 
 
-def _try_lock(entry: str, block: bool = False) -> Any | None:
-    handle = open(_lock_dir() / f"gpu-{entry}.lock", "a+")  # noqa: SIM115 (held for life)
+def _try_lock(entry: str) -> Any | None:
+    """An open file holding an exclusive lock for GPU ``entry``; None if another process has
+    it. The lock lasts as long as the file stays open (the process's life)."""
+    import fcntl  # POSIX: the GPU machines this runs on
+
+    path = _lock_dir() / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', entry)}.lock"
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.close()
+        os.close(fd)
         return None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+    return fd
 
 
 def pin_one_gpu() -> str | None:
@@ -106,28 +117,37 @@ def pin_one_gpu() -> str | None:
     if _claim is not None:
         return _claim[0]
     gpus = visible_gpus()
-    if len(gpus) <= 1:
-        return gpus[0] if gpus else None
+    if not gpus:
+        return None
+    if len(gpus) == 1:
+        # Nothing to choose; the lock still tells a per_gpu worker that this GPU is taken.
+        handle = _try_lock(gpus[0])
+        if handle is None:
+            log.warning("GPU %s is also used by another trial process", gpus[0])
+        _claim = (gpus[0], handle)
+        return gpus[0]
     torch = _torch_if_imported()
     if torch is not None and torch.cuda.is_initialized():
         raise DeviceError(
             f"CUDA started in this process before a GPU was chosen, and it sees {len(gpus)} "
             f"GPUs; set {VISIBLE_ENV} to one GPU"
         )
-    handle = None
-    for entry in gpus:
-        handle = _try_lock(entry)
+    waiting = False
+    while True:  # the first GPU that no other trial process holds, when one frees up
+        for entry in gpus:
+            handle = _try_lock(entry)
+            if handle is not None:
+                break
         if handle is not None:
             break
-    else:
-        entry = gpus[os.getpid() % len(gpus)]
-        log.warning(
-            "all %d GPUs are held by other trial processes on this machine; waiting for GPU %s "
-            "(run at most as many trials at a time as there are GPUs)",
-            len(gpus),
-            entry,
-        )
-        handle = _try_lock(entry, block=True)
+        if not waiting:
+            log.warning(
+                "all %d GPUs are held by other trial processes on this machine; waiting for "
+                "one (run at most as many trials at a time as there are GPUs)",
+                len(gpus),
+            )
+            waiting = True
+        time.sleep(WAIT_POLL_S)
     os.environ[VISIBLE_ENV] = entry
     _claim = (entry, handle)
     log.info("this process trains on GPU %s (%s=%s)", entry, VISIBLE_ENV, entry)
@@ -147,8 +167,14 @@ def device() -> torch.device:
     choice = device_choice()
     if choice == "cpu":
         return torch.device("cpu")
-    pin_one_gpu()
+    pinned = pin_one_gpu()
     if torch.cuda.is_available():
+        if pinned is not None and torch.cuda.device_count() != 1:
+            # CUDA started (is_available, an import) before the pin, and kept every GPU.
+            raise DeviceError(
+                f"this process sees {torch.cuda.device_count()} GPUs though it was given one "
+                f"({VISIBLE_ENV}={pinned}): CUDA started before the GPU was chosen"
+            )
         return torch.device("cuda")
     if choice == "cuda":
         raise DeviceError(f"{DEVICE_ENV}=cuda, but torch finds no CUDA device")

@@ -422,7 +422,7 @@ class SharedBase:
         import gc
 
         gc.collect()
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():  # never start CUDA just to clean up
             torch.cuda.empty_cache()
 
 

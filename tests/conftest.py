@@ -23,9 +23,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from finqa_exp.config import register_configs
-from finqa_exp.devices import DEVICE_ENV, gpu_count
+from finqa_exp.devices import DEVICE_ENV, gpu_count, pin_one_gpu
 
-# Before any test imports torch's CUDA side; gpu tests set FINQA_DEVICE=cuda themselves.
+# The environment the session started with (the per-GPU sweep test gives it every GPU).
+ORIGINAL_ENV = dict(os.environ)
+# On a machine with several GPUs this process takes one now, before any import starts CUDA
+# (importing bitsandbytes does): the gpu tests train in-process on it.
+pin_one_gpu()
+# The CPU tiers run on the CPU; gpu tests set FINQA_DEVICE=cuda themselves.
 os.environ[DEVICE_ENV] = "cpu"
 
 REPO = Path(__file__).resolve().parents[1]

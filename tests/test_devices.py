@@ -4,6 +4,7 @@ and compute capabilities faked (tests/test_gpu.py runs the real thing on CUDA)."
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import types
@@ -22,6 +23,8 @@ def test_visible_gpus_come_from_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv(devices.DEVICE_ENV, "auto")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3,GPU-8e1f")
     assert devices.visible_gpus() == ["2", "3", "GPU-8e1f"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,2")
+    assert devices.visible_gpus() == ["0"]  # CUDA stops at the first invalid entry
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert devices.visible_gpus() == []  # an empty value hides every GPU
     monkeypatch.setenv(devices.DEVICE_ENV, "cpu")
@@ -30,6 +33,13 @@ def test_visible_gpus_come_from_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv(devices.DEVICE_ENV, "tpu")
     with pytest.raises(devices.DeviceError, match="must be auto, cpu or cuda, got 'tpu'"):
         devices.device()
+
+
+def _line(stream, timeout: float = 60.0) -> str:
+    """The next line of a child's output; fails instead of hanging if none comes."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no line within {timeout:.0f} s"
+    return stream.readline()
 
 
 def _holder(env: dict[str, str]) -> subprocess.Popen:
@@ -60,15 +70,15 @@ def test_parallel_trial_processes_take_one_gpu_each_and_wait_when_all_are_taken(
     try:
         for _ in range(3):
             holders.append(_holder(env))
-            holders[-1].stdout.readline()  # wait until it holds its GPU
+            _line(holders[-1].stdout)  # wait until it holds its GPU
         taken = list(holders)
         late = _holder(env)
         holders.append(late)
         # The fourth finds every GPU held: it says so, then waits for one.
-        assert "all 3 GPUs are held" in late.stderr.readline()
+        assert "all 3 GPUs are held" in _line(late.stderr)
         for holder in taken:
             holder.stdin.close()
-        assert late.stdout.readline().strip() in {"0", "1", "2"}
+        assert _line(late.stdout).strip() in {"0", "1", "2"}
         late.stdin.close()
         outs = [h.wait(timeout=60) for h in holders]
         assert outs == [0, 0, 0, 0]
@@ -90,7 +100,7 @@ def test_each_process_pins_a_different_gpu_and_keeps_it(tmp_path):
     )
     first = _holder(env)
     try:
-        assert first.stdout.readline().strip() == "4"
+        assert _line(first.stdout).strip() == "4"
         second = subprocess.run(
             [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True
         )
@@ -160,3 +170,8 @@ def test_per_gpu_launcher_runs_a_trial_on_each_gpu_at_a_time(monkeypatch):
     assert "JoblibLauncher" in cfg.hydra.launcher._target_
     monkeypatch.setenv(devices.DEVICE_ENV, "cpu")
     assert cfg.hydra.launcher.n_jobs == 1  # no GPU: one at a time
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", ["hydra/launcher=joblib"], return_hydra_config=True)
+    # joblib's n_jobs=-1 is one job per CPU: the sweeper launches as many trials at a time.
+    assert cfg.hydra.launcher.n_jobs == -1
+    assert cfg.hydra.sweeper.n_jobs == os.cpu_count()

@@ -21,25 +21,28 @@ import torch
 from finqa_exp import devices, modeling, training
 from finqa_exp.config import DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from finqa_exp.tracking import NullTracker
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import FAST, ORIGINAL_ENV, compose_cfg
 
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "### Question: {question}\n\n### Answer: "
 # The environment and GPUs this session started with: the per-GPU sweep must see every
-# GPU, though this process pins one for its own tests. Counted before CUDA starts.
-START_ENV = dict(os.environ)
+# GPU, though this process pinned one (tests/conftest.py) for its own tests.
+START_ENV = ORIGINAL_ENV
 
 
 def _all_gpus() -> int:
     listed = START_ENV.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return len([e for e in listed.split(",") if e.strip()])
-    return torch.cuda.device_count()  # NVML: does not start CUDA
+    import subprocess as sp
 
+    # This process may see only its pinned GPU now: count them all in a clean process.
+    code = "import torch; print(torch.cuda.device_count())"
+    env = {k: v for k, v in START_ENV.items() if k != "FINQA_DEVICE"}
+    return int(sp.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout)
 
-N_GPUS = _all_gpus()
 
 
 @pytest.fixture(autouse=True)
@@ -208,7 +211,7 @@ def test_one_trial_per_gpu(tmp_path):
     path = os.pathsep.join(p for p in (str(REPO), START_ENV.get("PYTHONPATH")) if p)
     env = {**START_ENV, "PYTHONPATH": path, devices.DEVICE_ENV: "cuda"}
     env[devices.LOCK_DIR_ENV] = str(tmp_path / "locks")
-    n_gpus = N_GPUS
+    n_gpus = _all_gpus()
     n_trials = 2 * n_gpus
     proc = subprocess.run(
         [

@@ -102,7 +102,7 @@ def random_llama(tokenizer: Any, folder: Path, shape: dict[str, Any] = TINYLLAMA
     )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    where = "cuda" if torch.cuda.is_available() else "cpu"
+    where = devices.device().type
     torch.manual_seed(0)
     with torch.device(where):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -124,8 +124,14 @@ def _sync(dev: torch.device) -> None:
 
 
 def _reset_peak(dev: torch.device) -> None:
+    """Start a peak from what the arm itself holds: the previous arm's garbage collected and
+    its cached blocks returned, so neither arm's reserved peak starts from the other's pool."""
     if dev.type == "cuda":
+        import gc
+
+        gc.collect()
         torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
 
 

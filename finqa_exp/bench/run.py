@@ -343,12 +343,14 @@ MODEL_SECTIONS = {"padding", "train", "eval"}
 
 def measure(bc: BenchConfig) -> dict[str, Any]:
     """Run the chosen sections; returns the machine, the raw measurements and the rows."""
-    from finqa_exp import devices, modeling
+    from finqa_exp import devices
+
+    dev = devices.device()  # first: importing transformers and peft starts CUDA
+    from finqa_exp import modeling
     from finqa_exp.bench import measure as m
     from finqa_exp.config import DataConfig
     from finqa_exp.data import load_splits
 
-    dev = devices.device()
     device = dev.type
     cache = Path(bc.paths.cache_dir)
     results: dict[str, Any] = {"machine": m.machine(dev), "config": asdict(bc), "raw": {}}

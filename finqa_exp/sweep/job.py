@@ -56,7 +56,8 @@ def release_memory(failed: bool = False) -> None:
     callbacks), and a job that failed for lack of memory must not leave the next one short.
     """
     torch = sys.modules.get("torch")  # only if the job imported it: never import it here
-    on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    # is_initialized first: is_available would start CUDA in a process that never used it.
+    on_gpu = torch is not None and torch.cuda.is_initialized()
     if failed or on_gpu:
         gc.collect()
     if on_gpu:
@@ -72,10 +73,15 @@ def drop_frames(err: BaseException) -> None:
     running (this one and its callers) are left alone.
     """
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        traceback.clear_frames(err.__traceback__)
-        err = err.__cause__ or err.__context__
+    stack: list[BaseException | None] = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        stack += [current.__cause__, current.__context__]
+        stack += list(getattr(current, "exceptions", ()))  # an ExceptionGroup's members
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,10 @@ class TrialRun:
         import optuna
 
         if self.on_failure is not None:
-            self.on_failure()
+            try:
+                self.on_failure()
+            except Exception as cleanup_err:  # the trial's own error is the one to report
+                log.warning("could not clean up after the ended trial: %s", cleanup_err)
         pruned = isinstance(err, optuna.TrialPruned)
         if pruned:
             self.status = KILLED

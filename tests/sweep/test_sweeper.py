@@ -769,3 +769,37 @@ def test_custom_search_space_and_callbacks(tmp_path):
         (2, "FAIL"),
         (3, "COMPLETE"),
     ]
+
+
+def test_drop_frames_clears_every_chained_traceback():
+    """A failed job's exception chain (``raise ... from`` inside an ``except``) keeps the
+    frames of both errors alive; drop_frames clears them all."""
+    import gc
+    import weakref
+
+    class Held:
+        pass
+
+    refs = []
+
+    def inner():
+        held = Held()
+        refs.append(weakref.ref(held))
+        raise KeyError("inner")
+
+    def outer():
+        try:
+            inner()
+        except KeyError:
+            held = Held()
+            refs.append(weakref.ref(held))
+            raise RuntimeError("outer") from ValueError("cause")
+
+    try:
+        outer()
+    except RuntimeError as err:
+        kept = err  # as Hydra's JobReturn keeps it
+    sweep_job.drop_frames(kept)
+    gc.collect()
+    assert len(refs) == 2 and [r() for r in refs] == [None, None]
+    assert isinstance(kept.__context__, KeyError)  # the chain itself is kept
