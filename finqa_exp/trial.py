@@ -132,11 +132,11 @@ def load_data(conf: FinqaConfig) -> data_lib.Splits:
 
 def base_model_source(conf: FinqaConfig, splits: data_lib.Splits) -> str:
     """Local folder or hub id of the base model; builds (or reuses) the tiny one if asked."""
-    from finqa_exp import modeling
+    from finqa_exp import tiny
 
     if conf.model.name_or_path:
         return conf.model.name_or_path
-    return str(modeling.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir))
+    return str(tiny.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir))
 
 
 def load_base(conf: FinqaConfig, splits: data_lib.Splits, dev: torch.device) -> Base:

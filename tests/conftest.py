@@ -81,15 +81,15 @@ def toy_base(folder: Path) -> Path:
     import torch
     from transformers import LlamaForCausalLM
 
-    from finqa_exp import modeling
+    from finqa_exp import tiny as tiny_model
     from finqa_exp.config import TinyModelConfig
     from finqa_exp.data import bundled_path, read_table
 
     texts = [f"{r['instruction']}\n{r['output']}" for r in read_table(bundled_path())]
-    tokenizer = modeling.train_tokenizer(texts, 300)
-    tiny = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2)
+    tokenizer = tiny_model.train_tokenizer(texts, 300)
+    shape = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2)
     torch.manual_seed(0)
-    LlamaForCausalLM(modeling.llama_config(tiny, tokenizer)).save_pretrained(folder)
+    LlamaForCausalLM(tiny_model.llama_config(shape, tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finqa_exp import devices, modeling, training
+from finqa_exp import devices, modeling, tiny, training
 from finqa_exp.config import DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from finqa_exp.tracking import NullTracker
 from tests.conftest import FAST, ORIGINAL_ENV, compose_cfg
@@ -44,7 +44,6 @@ def _all_gpus() -> int:
     return int(sp.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout)
 
 
-
 @pytest.fixture(autouse=True)
 def _on_cuda(monkeypatch):
     monkeypatch.setenv(devices.DEVICE_ENV, "cuda")
@@ -68,8 +67,8 @@ def tinyllama(gpu_cache) -> Path:
         devices.device()  # pin this process's GPU before CUDA starts
     finally:
         os.environ[devices.DEVICE_ENV] = choice
-    texts = modeling.pretraining_texts(load_splits(DataConfig()).train)
-    tokenizer = modeling.train_tokenizer(texts, TINYLLAMA_SHAPE["vocab_size"])
+    texts = tiny.pretraining_texts(load_splits(DataConfig()).train)
+    tokenizer = tiny.train_tokenizer(texts, TINYLLAMA_SHAPE["vocab_size"])
     return random_llama(tokenizer, gpu_cache / "bench" / "tinyllama_shape")
 
 

@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from finqa_exp import data as data_lib
-from finqa_exp import evaluation, modeling
+from finqa_exp import evaluation, modeling, tiny
 from finqa_exp.config import DataConfig, TinyModelConfig, validate
 from finqa_exp.trial import execute
 
@@ -44,7 +44,7 @@ def test_trial_trains_lora_and_leaves_the_base_alone(default_trial):
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
 
     splits = data_lib.load_splits(conf.data)
-    source = modeling.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir)
+    source = tiny.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir)
     fresh = modeling.load_base_model(source, conf.model, conf.quant, torch.device("cpu"))
     tuned_base = dict(model.get_base_model().named_parameters())
     for name, param in fresh.named_parameters():
@@ -119,7 +119,7 @@ def test_logged_adapter_reproduces_the_logged_rouge(default_trial, tmp_path):
     client = MlflowClient(conf.tracking.uri)
     adapter = client.download_artifacts(result.run_id, "adapter", str(tmp_path))
     splits = data_lib.load_splits(conf.data)
-    source = modeling.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir)
+    source = tiny.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir)
     base = modeling.load_base_model(source, conf.model, conf.quant, torch.device("cpu"))
     model = peft.PeftModel.from_pretrained(base, adapter)
     tokenizer = modeling.load_tokenizer(adapter, conf.model)
@@ -180,7 +180,7 @@ def test_hub_preset_runs_the_hub_code_path(make_cfg, monkeypatch, cache_dir):
         return bundled
 
     # Any local causal LM stands in for TinyLlama: the default tiny base.
-    local = modeling.build_tiny_base(
+    local = tiny.build_tiny_base(
         TinyModelConfig(), data_lib.load_splits(DataConfig()).train, cache_dir
     )
     real_model, real_tok = (
@@ -255,7 +255,7 @@ def test_later_trials_reuse_the_loaded_base_and_match_a_fresh_load(make_cfg):
     # Once its adapter is out, the shared base holds exactly the weights it was loaded with.
     assert modeling.shared_base.remove_adapter()
     conf = validate(make_cfg())
-    source = modeling.build_tiny_base(
+    source = tiny.build_tiny_base(
         conf.model.tiny, data_lib.load_splits(conf.data).train, conf.paths.cache_dir
     )
     fresh = modeling.load_base_model(source, conf.model, conf.quant, torch.device("cpu"))

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from finqa_exp import devices, modeling, training
+from finqa_exp import devices, modeling, tiny, training
 from finqa_exp.config import LoraConfig, ModelConfig, TrainConfig
 from finqa_exp.data import IGNORE_INDEX
 from finqa_exp.evaluation import generate_answers
@@ -460,4 +460,4 @@ def tiny_setup(cache_dir: Path) -> tuple[Path, Any]:
     from finqa_exp.data import load_splits
 
     splits = load_splits(DataConfig())
-    return modeling.build_tiny_base(ModelConfig().tiny, splits.train, cache_dir), splits
+    return tiny.build_tiny_base(ModelConfig().tiny, splits.train, cache_dir), splits

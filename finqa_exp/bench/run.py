@@ -346,7 +346,7 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
     from finqa_exp import devices
 
     dev = devices.device()  # first: importing transformers and peft starts CUDA
-    from finqa_exp import modeling
+    from finqa_exp import modeling, tiny
     from finqa_exp.bench import measure as m
     from finqa_exp.config import DataConfig
     from finqa_exp.data import load_splits
@@ -361,8 +361,8 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
         splits = load_splits(DataConfig())
         if device == "cuda":
             # The GPU rows: TinyLlama's shape, random weights, a BPE tokenizer from our data.
-            texts = modeling.pretraining_texts(splits.train)
-            tokenizer = modeling.train_tokenizer(texts, m.TINYLLAMA_SHAPE["vocab_size"])
+            texts = tiny.pretraining_texts(splits.train)
+            tokenizer = tiny.train_tokenizer(texts, m.TINYLLAMA_SHAPE["vocab_size"])
             source = m.random_llama(tokenizer, cache / "bench" / "tinyllama_shape")
             model_name = "TinyLlama shape (random)"
         else:
