@@ -31,6 +31,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from finqa_exp.bench import rows as table
 from finqa_exp.config import (
     ConfigError,
     ModelConfig,
@@ -99,242 +100,6 @@ register_configs()
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-# ----------------------------------------------------------------------------- rows
-
-
-def ratio(ours: float | None, baseline: float | None) -> float | None:
-    """``ours / baseline``, or None when either was not measured."""
-    if ours is None or baseline is None or baseline == 0:
-        return None
-    return ours / baseline
-
-
-def row(
-    name: str,
-    device: str,
-    model: str,
-    unit: str,
-    ours: float | None,
-    baseline: float | None,
-    value: float | None,
-    target: str,
-    met: bool | None,
-    note: str = "",
-) -> dict[str, Any]:
-    """One line of the table. ``value`` is the figure judged against ``target``."""
-    return {
-        "measurement": name,
-        "device": device,
-        "model": model,
-        "unit": unit,
-        "ours": ours,
-        "baseline": baseline,
-        "value": value,
-        "target": target,
-        "met": met,
-        "note": note,
-    }
-
-
-def not_measured(name: str, device: str, model: str, target: str, why: str) -> dict[str, Any]:
-    return row(name, device, model, "", None, None, None, target, None, f"not measured: {why}")
-
-
-def training_rows(pair: dict[str, Any], device: str, model: str) -> list[dict[str, Any]]:
-    ours, seed = pair["ours"], pair["seed"]
-    speedup = ratio(ours["real_tokens_per_s"], seed["real_tokens_per_s"])
-    rows = [
-        row(
-            "training: real tokens/s, ours vs seed recipe (x)",
-            device,
-            model,
-            "tokens/s",
-            ours["real_tokens_per_s"],
-            seed["real_tokens_per_s"],
-            speedup,
-            ">= 3",
-            speedup is not None and speedup >= 3,
-            f"{pair['examples']} examples, 1 epoch each, {ours['real_tokens']} real tokens; "
-            f"both in {pair.get('precision', 'fp32')}",
-        )
-    ]
-    if seed["peak_memory_mb"] is not None:
-        for kind, what in (
-            ("allocated", "PyTorch's peak allocated"),
-            ("reserved", "PyTorch's peak reserved (nvidia-smi adds the CUDA context)"),
-        ):
-            rows.append(
-                row(
-                    f"peak GPU memory ({kind}): seed workload (batch 8 x 512, r=16) vs ours (MiB)",
-                    device,
-                    model,
-                    "MiB",
-                    ours["peak_memory_mb"][kind],
-                    seed["peak_memory_mb"][kind],
-                    seed["peak_memory_mb"][kind],
-                    "report (seed project: ~12 GB in nvidia-smi)",
-                    None,
-                    what,
-                )
-            )
-    if "mfu" in pair:
-        rows.append(
-            row(
-                "MFU: 4 x params FLOPs per real token / measured bf16 peak",
-                device,
-                model,
-                "share",
-                pair["mfu"]["ours"],
-                pair["mfu"]["seed"],
-                pair["mfu"]["ours"],
-                "report",
-                None,
-                f"peak {pair['mfu']['peak_tflops']:.0f} TFLOP/s measured",
-            )
-        )
-    return rows
-
-
-def eval_rows(pair: dict[str, Any], device: str, model: str) -> list[dict[str, Any]]:
-    speedup = ratio(pair["batched"]["answers_per_s"], pair["single"]["answers_per_s"])
-    on_gpu = device == "cuda"
-    return [
-        row(
-            f"evaluation: answers/s, batched ({pair['batch_size']}) vs one at a time (x)",
-            device,
-            model,
-            "answers/s",
-            pair["batched"]["answers_per_s"],
-            pair["single"]["answers_per_s"],
-            speedup,
-            ">= 10 (GPU)" if on_gpu else "report (target is for GPU)",
-            (speedup is not None and speedup >= 10) if on_gpu else None,
-            f"{pair['questions']} questions, up to {pair['max_new_tokens']} new tokens; "
-            f"{pair['same_answers']:.0%} identical answers",
-        )
-    ]
-
-
-def sweep_rows(
-    runs: list[dict[str, Any]], device: str, noise: list[dict[str, Any]] | None = None
-) -> list[dict[str, Any]]:
-    """Pruning's saving, and the best objective each way per seed.
-
-    Trial compute is the trials' training and tuned-model generation seconds: the work a
-    pruner can stop. Their wall seconds, which add each trial's fixed costs (the first trial's
-    imports and base load, MLflow), are reported beside it; those costs are the overhead
-    rows' business.
-
-    "Equal best" is judged against the objective's own noise between two seeds: each
-    unpruned sweep's best params trained again with another train.seed (``noise``). The
-    spread of the best over the sampler seeds is reported too; with two sweeps it mostly
-    shows which params each seed happened to sample.
-    """
-    on = [r for r in runs if r["pruner"]]
-    off = [r for r in runs if not r["pruner"]]
-    spent_on = sum(r["compute_seconds"] for r in on)
-    spent_off = sum(r["compute_seconds"] for r in off)
-    saving = 1 - spent_on / spent_off
-    wall_on = sum(r["trial_seconds"] for r in on)
-    wall_off = sum(r["trial_seconds"] for r in off)
-    best_on = [r["best"] for r in on]
-    best_off = [r["best"] for r in off]
-    spread = max(best_off) - min(best_off) if len(best_off) > 1 else None
-    seed_noise = max(n["noise"] for n in noise) if noise else None
-    gap = max(abs(a - b) for a, b in zip(best_on, best_off))
-    seeds = [r["seed"] for r in on]
-    notes = []
-    if seed_noise is not None:
-        notes.append(
-            "noise: the unpruned winners trained with train.seed "
-            + " and ".join(f"{n['train_seed']} ({n['value_other_seed']:.4f} vs {n['value']:.4f})"
-                           for n in noise)
-        )  # fmt: skip
-    if spread is not None:
-        notes.append(f"spread of the unpruned best over sampler seeds {spread:.4f}")
-    n_trials = on[0]["n_trials"]
-    return [
-        row(
-            f"sweep of {n_trials} trials: trial compute saved by pruning",
-            device,
-            "tiny",
-            "s",
-            spent_on,
-            spent_off,
-            saving,
-            ">= 0.40",
-            saving >= 0.40,
-            f"seeds {seeds}, {n_trials} trials each; training + tuned answers, seconds summed",
-        ),
-        row(
-            f"sweep of {n_trials} trials: trial wall time saved by pruning",
-            device,
-            "tiny",
-            "s",
-            wall_on,
-            wall_off,
-            1 - wall_on / wall_off,
-            "report",
-            None,
-            "trial wall seconds summed: compute plus each trial's fixed costs",
-        ),
-        row(
-            f"sweep of {n_trials} trials: best ROUGE-L, pruner on vs off (largest gap over seeds)",
-            device,
-            "tiny",
-            "rougeL",
-            sum(best_on) / len(best_on),
-            sum(best_off) / len(best_off),
-            gap,
-            "<= noise of two seeds" + (f" ({seed_noise:.4f})" if seed_noise is not None else ""),
-            (gap <= seed_noise) if seed_noise is not None else None,
-            "; ".join(notes) or "no noise measured",
-        ),
-    ]
-
-
-def overhead_rows(
-    sweep_overhead: dict[str, Any] | None, cold: dict[str, Any] | None, device: str
-) -> list[dict[str, Any]]:
-    rows = []
-    if sweep_overhead is not None:
-        later = sweep_overhead["later_trials_median"]
-        rows.append(
-            row(
-                "overhead: share of a sweep trial outside training and generation",
-                device,
-                "tiny",
-                "share",
-                later,
-                None,
-                later,
-                "<= 0.05",
-                later is not None and later <= 0.05,
-                f"median of trials 1..n (base reused); trial 0 (loads the base): "
-                f"{sweep_overhead['first_trial']:.3f}; whole sweep command incl. startup: "
-                f"{sweep_overhead['whole_command']:.3f}",
-            )
-        )
-    if cold is not None:
-        rows.append(
-            row(
-                "overhead: one cold `python -m finqa_exp` (process start, imports, loading)",
-                device,
-                "tiny",
-                "share",
-                cold["overhead_share_of_command"],
-                None,
-                cold["overhead_share_of_command"],
-                "report",
-                None,
-                f"command {cold['command_seconds']:.1f} s, training + generation "
-                f"{cold['work_seconds']:.1f} s; inside the trial function "
-                f"{cold['overhead_share_in_trial']:.3f}",
-            )
-        )
-    return rows
-
-
 # ----------------------------------------------------------------------------- running
 
 
@@ -348,6 +113,7 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
     dev = devices.device()  # first: importing transformers and peft starts CUDA
     from finqa_exp import modeling, tiny
     from finqa_exp.bench import measure as m
+    from finqa_exp.bench import sweeps
     from finqa_exp.config import DataConfig
     from finqa_exp.data import load_splits
 
@@ -366,17 +132,19 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
             source = m.random_llama(tokenizer, cache / "bench" / "tinyllama_shape")
             model_name = "TinyLlama shape (random)"
         else:
-            source, model_name = m.tiny_setup(cache)[0], "tiny"
+            source, model_name = sweeps.tiny_setup(cache)[0], "tiny"
         rows += model_rows(bc, dev, source, model_name, splits, raw)
         # The sweeps and the cold trial load their own models: give the memory back first.
         modeling.shared_base.clear()
     if device != "cuda":
         rows.append(
-            not_measured(
+            table.not_measured(
                 "training, peak memory and MFU on GPU", "cuda", "TinyLlama shape", ">= 3", "no GPU"
             )
         )
-        rows.append(not_measured("evaluation on GPU", "cuda", "TinyLlama shape", ">= 10", "no GPU"))
+        rows.append(
+            table.not_measured("evaluation on GPU", "cuda", "TinyLlama shape", ">= 10", "no GPU")
+        )
 
     sweep_overhead = cold = None
     extra = QUICK_TRIAL if bc.quick else []
@@ -389,29 +157,29 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
                     name = f"bench_seed{seed}_{'pruned' if pruner else 'full'}"
                     log.info("sweep %s: %d trials", name, bc.sweep_trials)
                     runs.append(
-                        m.sweep_run(root, cache, name, seed, bc.sweep_trials, pruner, extra)
+                        sweeps.sweep_run(root, cache, name, seed, bc.sweep_trials, pruner, extra)
                     )
             raw["sweeps"] = runs
             lengths = sorted({n for n in (bc.sweep_prefix, bc.sweep_trials) if n >= 2})
             raw["seed_noise"], retrained = {}, {}
             for n in lengths:
-                cut = [m.first_trials(r, n) for r in runs]
+                cut = [sweeps.first_trials(r, n) for r in runs]
                 log.info("the objective's noise: the %d-trial winners, another train.seed", n)
                 noise = []
                 for r in (r for r in cut if not r["pruner"]):
                     key = (r["seed"], json.dumps(r["best_params"], sort_keys=True))
                     if key not in retrained:  # a winner of both lengths is retrained once
-                        retrained[key] = m.seed_noise(root, cache, r, extra)
+                        retrained[key] = sweeps.seed_noise(root, cache, r, extra)
                     noise.append(retrained[key])
                 raw["seed_noise"][str(n)] = noise
-                rows += sweep_rows(cut, device, noise)
-            sweep_overhead = m.overhead_of_sweep(next(r for r in runs if not r["pruner"]))
+                rows += table.sweep_rows(cut, device, noise)
+            sweep_overhead = sweeps.overhead_of_sweep(next(r for r in runs if not r["pruner"]))
             raw["sweep_overhead"] = sweep_overhead
         if "trial" in bc.sections:
             log.info("one cold trial: python -m finqa_exp")
-            cold = m.cold_trial(root, cache, extra)
+            cold = sweeps.cold_trial(root, cache, extra)
             raw["cold_trial"] = cold
-    rows += overhead_rows(sweep_overhead, cold, device)
+    rows += table.overhead_rows(sweep_overhead, cold, device)
     results["rows"] = rows
     return results
 
@@ -440,7 +208,7 @@ def model_rows(
         share = m.padding_share(lengths, m.SEED_MAX_LENGTH)
         raw["padding_share"] = share
         rows.append(
-            row(
+            table.row(
                 "padding share of the training data at max length 512",
                 device,
                 model_name,
@@ -471,7 +239,7 @@ def model_rows(
                 },
             }
         raw["train"] = pair
-        rows += training_rows(pair, device, model_name)
+        rows += table.training_rows(pair, device, model_name)
     if "eval" in bc.sections:
         questions = [p.question for p in splits.test[: bc.eval_questions]]
         log.info("evaluation pair: %d questions, batched then one at a time", len(questions))
@@ -482,7 +250,7 @@ def model_rows(
         )
         modeling.remove_lora(model)
         raw["eval"] = pair
-        rows += eval_rows(pair, device, model_name)
+        rows += table.eval_rows(pair, device, model_name)
     return rows
 
 

@@ -7,8 +7,10 @@ import json
 
 import pytest
 
+from finqa_exp.bench import rows as table
 from finqa_exp.bench import run as bench
-from finqa_exp.bench.measure import first_trials, padding_share
+from finqa_exp.bench.measure import padding_share
+from finqa_exp.bench.sweeps import first_trials
 from finqa_exp.config import ConfigError, PathsConfig
 
 
@@ -44,7 +46,7 @@ def test_sweep_rows_judge_saving_and_best_against_the_noise_of_two_seeds():
         {"train_seed": 43, "value": 0.31, "value_other_seed": 0.295, "noise": 0.015},
         {"train_seed": 43, "value": 0.27, "value_other_seed": 0.275, "noise": 0.005},
     ]
-    saving, wall, best = bench.sweep_rows(runs, "cpu", noise)
+    saving, wall, best = table.sweep_rows(runs, "cpu", noise)
     assert saving["value"] == pytest.approx(1 - 56 * 0.9 / (80 * 0.9)) and saving["met"] is False
     assert saving["ours"] == pytest.approx(56 * 0.9)  # compute: training + generation
     assert wall["value"] == pytest.approx(1 - 56 / 80) and wall["met"] is None
@@ -52,8 +54,8 @@ def test_sweep_rows_judge_saving_and_best_against_the_noise_of_two_seeds():
     assert "(0.0150)" in best["target"] and best["met"] is True  # the larger seed noise
     assert "spread of the unpruned best over sampler seeds 0.0400" in best["note"]
     noise[0]["noise"] = 0.008
-    assert bench.sweep_rows(runs, "cpu", noise)[2]["met"] is False
-    assert bench.sweep_rows(runs, "cpu")[2]["met"] is None  # no noise measured: no verdict
+    assert table.sweep_rows(runs, "cpu", noise)[2]["met"] is False
+    assert table.sweep_rows(runs, "cpu")[2]["met"] is None  # no noise measured: no verdict
 
 
 def test_first_trials_of_a_sweep_are_the_shorter_sweep():
@@ -138,7 +140,7 @@ def test_random_llama_has_the_shape_and_the_parameter_count_used_for_mfu(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from finqa_exp.bench.measure import count_params, random_llama
-    from finqa_exp.modeling import train_tokenizer
+    from finqa_exp.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(["a bond pays interest", "a stock is a share"] * 20, 300)
     # TinyLlama's proportions (grouped-query attention, untied embeddings), scaled down.

@@ -33,9 +33,9 @@ from optuna.trial import TrialState, create_trial
 
 import hydra_plugins.finqa_optuna_sweeper.finqa_optuna_sweeper  # noqa: F401  (registers configs)
 from finqa_exp.sweep import job as sweep_job
+from finqa_exp.sweep import rounds, study_setup
 from finqa_exp.sweep import search_space as ss
 from finqa_exp.sweep import study_book as book
-from finqa_exp.sweep import study_setup
 from finqa_exp.sweep import sweeper as sw
 
 REPO = Path(__file__).resolve().parents[2]
@@ -337,11 +337,11 @@ def test_a_trial_asked_after_the_last_slot_is_surplus_and_not_run(tmp_path):
     study = optuna.create_study(study_name="toy", storage=journal_storage(tmp_path))
     for x in (1.0, 2.0):
         study.add_trial(create_trial(value=x, params={"x": x}, distributions={"x": TOY_SPACE["x"]}))
-    run = sw.SweepRun(
+    run = rounds.SweepRun(
         sw.StudySweep(sampler=None, pruner=None), study, None, space_of(), 2, persistent=True
     )
     # As if another worker took the last slot between this worker's count and its ask.
-    with sw.Heartbeat(study, interval=60) as heartbeat:
+    with sweep_job.Heartbeat(study, interval=60) as heartbeat:
         assert run._ask(1, heartbeat) == []
     surplus = load(tmp_path).trials[2]
     assert surplus.state == TrialState.FAIL and surplus.system_attrs[book.SURPLUS_ATTR]
@@ -354,14 +354,14 @@ def test_trial_job_binds_its_trial_only_while_it_runs(monkeypatch):
     study = optuna.create_study(study_name="bind", storage=optuna.storages.InMemoryStorage())
     study.ask()
     number = study.ask().number
-    monkeypatch.setenv(sw.TRIAL_ENV, str(number))
+    monkeypatch.setenv(sweep_job.TRIAL_ENV, str(number))
 
     def task(cfg):
         trial = sw.current_trial()
         trial.report(0.5, step=0)
         return trial.number, trial.study.study_name
 
-    job = sw.TrialJob(task, study._storage, "bind", study.sampler, study.pruner)
+    job = sweep_job.TrialJob(task, study._storage, "bind", study.sampler, study.pruner)
     assert sw.current_trial() is None
     assert job(None) == (number, "bind")
     assert sw.current_trial() is None

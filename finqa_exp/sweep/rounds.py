@@ -1,0 +1,209 @@
+"""One sweep process's pass over the study, round by round: ask Optuna for up to
+``n_jobs`` trials, launch them as Hydra jobs, tell Optuna how each ended, until the study
+has its total. Failing and retrying the trials of killed sweeps, and stopping on too many
+failures, happen here too. finqa_exp.sweep.sweeper sets it up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from hydra.utils import get_method
+from omegaconf import DictConfig
+from optuna.trial import TrialState
+
+from finqa_exp.sweep.job import TRIAL_ENV, Heartbeat
+from finqa_exp.sweep.search_space import SearchSpace
+from finqa_exp.sweep.search_space import trial_overrides as params_to_overrides
+from finqa_exp.sweep.study_book import (
+    SURPLUS_ATTR,
+    Outcome,
+    contiguous_runs,
+    describe,
+    ending_line,
+    enqueue_retry,
+    fail_trial,
+    job_outcome,
+    last_beat,
+    running_in_total,
+    set_trial_attr,
+    stale_trials,
+    tell,
+    trials_to_ask,
+    within_total,
+)
+from finqa_exp.sweep.study_setup import SweepError, suggest
+
+log = logging.getLogger(__name__)
+
+_PEER_POLL_S = 1.0  # how often a worker with nothing left to ask checks its peers' trials
+
+
+def notify(callbacks: Sequence[Any], event: str, *args: Any) -> None:
+    for callback in callbacks:
+        method = getattr(callback, event, None)
+        if method is not None:
+            method(*args)
+
+
+class SweepRun:
+    """One sweep process's pass over the study: ask, launch, tell until the total is reached."""
+
+    def __init__(
+        self,
+        sweep: Any,  # the StudySweep: its settings
+        study: optuna.Study,
+        launcher: Any,
+        space: SearchSpace,
+        n_trials: int,
+        persistent: bool,
+        callbacks: Sequence[Any] = (),
+    ) -> None:
+        self.sweep = sweep
+        self.study = study
+        self.launcher = launcher
+        self.space = space
+        self.n_trials = n_trials
+        self.persistent = persistent
+        self.extend: Callable[[DictConfig, optuna.Trial], None] | None = (
+            get_method(sweep.custom_search_space) if sweep.custom_search_space else None
+        )
+        self.callbacks = callbacks
+        self.failures: list[str] = []  # this run's failed trials, for max_failure_rate
+
+    def execute(self) -> None:
+        self._fail_stale()
+        for params in self.sweep.enqueue:
+            self.study.enqueue_trial(params, skip_if_exists=True)
+        waiting_logged = False
+        with Heartbeat(self.study, self.sweep.heartbeat_interval) as heartbeat:
+            while True:
+                trials = self.study.get_trials(deepcopy=False)
+                count = min(self.sweep.n_jobs, trials_to_ask(trials, self.n_trials))
+                if count == 0:
+                    running = running_in_total(trials, self.n_trials)
+                    if not running:
+                        break
+                    if not waiting_logged:
+                        log.info(
+                            "Waiting for trials %s of other workers", [t.number for t in running]
+                        )
+                        waiting_logged = True
+                    time.sleep(_PEER_POLL_S)
+                    self._fail_stale()
+                    continue
+                waiting_logged = False
+                self._run_batch(self._ask(count, heartbeat), heartbeat)
+                self._check_failures()
+                self._fail_stale()
+
+    def _finish(self, number: int, outcome: Outcome) -> None:
+        if outcome.state == TrialState.FAIL:
+            self.failures.append(f"trial {number}: {outcome.reason}")
+            # The traceback for whoever debugs; the log's line for the trial comes below.
+            log.debug("Trial %d failed", number, exc_info=outcome.error)
+            frozen = fail_trial(self.study, number, outcome.reason or "unknown")
+        else:
+            frozen = tell(self.study, number, outcome)
+        if frozen is None:
+            log.warning(
+                "Trial %d was finished by another worker (its heartbeat looked stale)", number
+            )
+            return
+        line = ending_line(frozen, self.study)
+        (log.error if frozen.state == TrialState.FAIL else log.info)(line)
+        notify(self.callbacks, "on_trial_end", self.study, frozen)
+
+    def _ask(self, count: int, heartbeat: Heartbeat) -> list[tuple[int, list[str]]]:
+        """Ask for `count` trials and sample them; returns (number, overrides) to launch."""
+        batch = []
+        for _ in range(count):
+            trial = self.study.ask()
+            heartbeat.add(trial.number)
+            if not within_total(self.study.get_trials(deepcopy=False), trial.number, self.n_trials):
+                # Another worker took the last slot between our count and our ask.
+                heartbeat.discard(trial.number)
+                self._drop_surplus(trial.number)
+                break
+            try:
+                batch.append((trial.number, self._configure(trial)))
+            except Exception as err:
+                heartbeat.discard(trial.number)
+                outcome = Outcome(TrialState.FAIL, reason=describe(err), error=err)
+                self._finish(trial.number, outcome)
+        return batch
+
+    def _drop_surplus(self, number: int) -> None:
+        set_trial_attr(self.study, number, SURPLUS_ATTR, True, system=True)
+        fail_trial(self.study, number, "surplus: the study already had n_trials trials")
+
+    def _configure(self, trial: optuna.Trial) -> list[str]:
+        assert self.sweep.config is not None and self.sweep.hydra_context is not None
+        for name, dist in self.space.distributions.items():
+            suggest(trial, name, dist)
+        if self.extend is not None:
+            self.extend(self.sweep.config, trial)
+        overrides = params_to_overrides(trial.params, self.space)
+        overrides.append(f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}")
+        # Compose now so a bad sampled value fails this trial, not the whole batch.
+        self.sweep.hydra_context.config_loader.load_sweep_config(self.sweep.config, overrides)
+        return overrides
+
+    def _run_batch(self, batch: list[tuple[int, list[str]]], heartbeat: Heartbeat) -> None:
+        jobs = dict(batch)
+        pending = sorted(jobs)
+        try:
+            # Launch consecutive trial numbers together so that hydra.job.num (and so the job
+            # folder) is the trial number: unique across re-runs and concurrent workers.
+            for run in contiguous_runs(pending):
+                try:
+                    returns = self.launcher.launch([jobs[n] for n in run], initial_job_idx=run[0])
+                    outcomes = [job_outcome(ret, len(self.sweep.directions)) for ret in returns]
+                except Exception as err:  # the launcher itself broke, e.g. a killed worker
+                    broken = Outcome(TrialState.FAIL, reason=describe(err), error=err)
+                    outcomes = [broken] * len(run)
+                for number, outcome in zip(run, outcomes):
+                    heartbeat.discard(number)
+                    pending.remove(number)
+                    self._finish(number, outcome)
+        except BaseException as err:
+            # Interrupted (Ctrl-C): fail what is still running and queue it again, as a
+            # killed sweep's trials would be at the next start.
+            for number in pending:
+                heartbeat.discard(number)
+                frozen = fail_trial(self.study, number, f"sweep interrupted: {describe(err)}")
+                if frozen is not None:
+                    enqueue_retry(self.study, frozen, self.sweep.max_retry)
+            raise
+
+    def _fail_stale(self) -> None:
+        if not self.persistent:
+            return  # an in-memory study dies with its only process
+        trials = self.study.get_trials(deepcopy=False)
+        now = time.time()
+        for trial in stale_trials(trials, now, self.sweep.grace_period):
+            silence = now - last_beat(trial)
+            reason = f"stale: no heartbeat for {silence:.0f}s, its sweep process died"
+            frozen = fail_trial(self.study, trial.number, reason)
+            if frozen is None:
+                continue  # another worker failed it first, and retries it
+            retried = enqueue_retry(self.study, frozen, self.sweep.max_retry)
+            log.warning(
+                "Trial %d was left RUNNING (%s)%s",
+                trial.number,
+                reason,
+                "; retrying it" if retried else "",
+            )
+            notify(self.callbacks, "on_trial_end", self.study, frozen)
+
+    def _check_failures(self) -> None:
+        allowed = self.sweep.max_failure_rate * self.n_trials
+        if len(self.failures) > allowed:
+            raise SweepError(
+                f"{len(self.failures)} trials failed in this sweep, more than max_failure_rate "
+                f"{self.sweep.max_failure_rate} x n_trials {self.n_trials} = {allowed:g}; "
+                f"stopping. Last: {self.failures[-1]}"
+            )
