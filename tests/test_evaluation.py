@@ -8,7 +8,7 @@ import torch
 from finqa_exp import evaluation
 from finqa_exp.config import TinyModelConfig
 from finqa_exp.data import QAPair
-from finqa_exp.modeling import llama_config, train_tokenizer
+from finqa_exp.tiny import llama_config, train_tokenizer
 
 
 def test_rouge_identical_and_disjoint():

@@ -43,9 +43,6 @@ class TrialRow:
     end: float | None
     steps_reported: tuple[int, ...]  # steps of its intermediate values (eval losses)
     fail_reason: str | None = None
-    # Unit of steps_reported: "train_examples" (training examples seen); None for studies
-    # of versions before 0.2, which reported optimizer steps.
-    step_unit: str | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -185,7 +182,6 @@ def trial_rows(study: Any, store: RunStore) -> list[TrialRow]:
                 end=t.datetime_complete.timestamp() if t.datetime_complete else None,
                 steps_reported=tuple(sorted(t.intermediate_values)),
                 fail_reason=t.user_attrs.get("fail_reason"),
-                step_unit=t.user_attrs.get(names.STEP_UNIT_ATTR),
             )
         )
     return rows

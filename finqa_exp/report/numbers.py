@@ -57,7 +57,7 @@ def wall_time(trials: Sequence[TrialRow]) -> tuple[float, float | None]:
 
 def metric_sums(trials: Sequence[TrialRow]) -> list[float | None]:
     """Sums of trial_time_s and train_time_s (None: no trial logged it). Complete trials log
-    both; pruned and failed trials of versions from 0.2 log trial_time_s."""
+    both; pruned and failed trials log trial_time_s."""
     sums: list[float | None] = []
     for key in ("trial_time_s", "train_time_s"):
         values = [v for t in trials if (v := t.metric(key)) is not None]
@@ -108,58 +108,30 @@ def examples_per_step(run: RunRecord) -> int:
 
 
 def examples_reported(trial: TrialRow) -> tuple[int, ...]:
-    """Training examples seen at each of the trial's reported evals.
-
-    Trials report examples seen (training.PruningCallback); studies of earlier versions
-    reported optimizer steps, converted here with the trial's examples per step.
-    """
-    if trial.step_unit == "train_examples":
-        return trial.steps_reported
-    if trial.run is None:
-        return ()
-    return tuple(s * examples_per_step(trial.run) for s in trial.steps_reported)
+    """Training examples seen at each of the trial's reported evals (what
+    training.PruningCallback reports as the step)."""
+    return trial.steps_reported
 
 
 def steps_per_epoch(trial: TrialRow) -> int | None:
-    """Optimizer steps of one epoch, as the trial logged it before training; for runs of
-    earlier versions, the first eval step when eval was each epoch. None if unknown."""
-    if trial.run is None:
+    """Optimizer steps of one epoch, as the trial logged it before training; None if the
+    trial has no run."""
+    if trial.run is None or "steps_per_epoch" not in trial.run.metrics:
         return None
-    if "steps_per_epoch" in trial.run.metrics:
-        return int(trial.run.metrics["steps_per_epoch"])
-    legacy = trial.step_unit is None and trial.steps_reported
-    if legacy and trial.run.params.get("train.eval_strategy") == "epoch":
-        return trial.steps_reported[0]
-    return None
+    return int(trial.run.metrics["steps_per_epoch"])
 
 
-def planned_examples(trial: TrialRow, complete: Sequence[TrialRow]) -> int | None:
-    """Training examples the trial would have seen unpruned, from its own logged run.
-
-    train.max_steps x examples per step when set; else train.epochs x the training
-    examples it logged (train_examples); for runs of earlier versions that did not log
-    them, one epoch's steps (its first eval, with eval each epoch) or a complete trial's
-    train_steps with the same examples per step and epochs. None if unknown.
-    """
+def planned_examples(trial: TrialRow) -> int | None:
+    """Training examples the trial would have seen unpruned, from its own logged run:
+    train.max_steps x examples per step when set, else train.epochs x the training
+    examples it logged (train_examples). None if unknown."""
     if trial.run is None:
         return None
     p, metrics = trial.run.params, trial.run.metrics
-    per_step = examples_per_step(trial.run)
     if int(p.get("train.max_steps", -1)) > 0:
-        return int(p["train.max_steps"]) * per_step
-    epochs = float(p["train.epochs"])
+        return int(p["train.max_steps"]) * examples_per_step(trial.run)
     if "train_examples" in metrics:
-        return round(epochs * metrics["train_examples"])
-    if (epoch := steps_per_epoch(trial)) is not None:
-        return math.ceil(epoch * epochs - 1e-9) * per_step
-    for other in complete:
-        if (
-            other.run is not None
-            and "train_steps" in other.run.metrics
-            and examples_per_step(other.run) == per_step
-            and other.run.params.get("train.epochs") == p.get("train.epochs")
-        ):
-            return int(other.run.metrics["train_steps"]) * per_step
+        return round(float(p["train.epochs"]) * metrics["train_examples"])
     return None
 
 
@@ -194,11 +166,11 @@ def pruning_savings(trials: Sequence[TrialRow]) -> Savings:
     trials' mean train_time_s per example trained on.
     """
     complete = [t for t in trials if t.state == names.COMPLETE and t.run is not None]
-    done = [(t, planned_examples(t, complete)) for t in complete]
+    done = [(t, planned_examples(t)) for t in complete]
     done = [(t, n) for t, n in done if n]
     rates = [t.run.metrics["train_time_s"] / n for t, n in done if "train_time_s" in t.run.metrics]
     pruned = [t for t in trials if t.state == "PRUNED"]
-    known = [(examples_reported(t), planned_examples(t, complete)) for t in pruned]
+    known = [(examples_reported(t), planned_examples(t)) for t in pruned]
     known = [(seen[-1], n) for seen, n in known if n is not None and seen]
     planned = sum(n for _, n in known)
     return Savings(

@@ -34,8 +34,6 @@ from finqa_exp.report.numbers import (
 )
 from tests.conftest import compose_cfg
 
-UNIT = "train_examples"  # training.STEP_UNIT, without importing torch
-
 REPO = Path(__file__).resolve().parents[2]
 DISTS = {
     "lora.r": CategoricalDistribution([4, 8, 16, 32]),
@@ -572,26 +570,19 @@ def test_study_shorthand_on_the_command_line():
 
 
 def test_planned_examples_and_busy_time():
-    def row(params: dict, reported: tuple, metrics: dict | None = None, unit=None) -> TrialRow:
+    def row(params: dict, reported: tuple, metrics: dict | None = None) -> TrialRow:
         run = tracking.RunRecord("r", "KILLED", params, metrics or {}, {})
-        return TrialRow(0, "PRUNED", None, {}, run, 0.0, 1.0, reported, step_unit=unit)
+        return TrialRow(0, "PRUNED", None, {}, run, 0.0, 1.0, reported)
 
     base = {"train.batch_size": "4", "train.gradient_accumulation_steps": "2"}
     epochs = {**base, "train.max_steps": "-1", "train.eval_strategy": "epoch"}
     # max_steps x 8 examples a step; else epochs x the training examples the run logged
-    assert planned_examples(row({**base, "train.max_steps": "40"}, (5,)), []) == 320
-    new = row({**epochs, "train.epochs": "2.5"}, (96, 192), {"train_examples": 96.0}, UNIT)
-    assert planned_examples(new, []) == 240
+    assert planned_examples(row({**base, "train.max_steps": "40"}, (5,))) == 320
+    new = row({**epochs, "train.epochs": "2.5"}, (96, 192), {"train_examples": 96.0})
+    assert planned_examples(new) == 240
     assert examples_reported(new) == (96, 192)
-    # Runs of earlier versions: optimizer steps, one epoch's steps at the first eval
-    legacy = row({**epochs, "train.epochs": "2.5"}, (12, 24))
-    assert planned_examples(legacy, []) == 30 * 8
-    assert examples_reported(legacy) == (96, 192)
-    assert steps_per_epoch(legacy) == 12 and steps_per_epoch(new) is None
-    steps = {**base, "train.max_steps": "-1", "train.eval_strategy": "steps", "train.epochs": "3"}
-    done = row(steps, (), {"train_steps": 99.0})
-    assert planned_examples(row(steps, (10,)), [done]) == 99 * 8  # same batch and epochs
-    assert planned_examples(row({**steps, "train.batch_size": "8"}, (10,)), [done]) is None
+    assert steps_per_epoch(new) is None  # it logged no steps_per_epoch
+    assert planned_examples(row(epochs | {"train.epochs": "3"}, (10,))) is None  # unknown
     assert busy_seconds([(0, 10), (5, 12), (20, 21)]) == 13
 
 
