@@ -1,5 +1,28 @@
-"""``python -m finqa_exp.bench``: see finqa_exp/bench/run.py."""
+"""``python -m finqa_exp.bench``: the benchmark (finqa_exp/bench/run.py).
 
-from finqa_exp.bench.run import main
+The Hydra entry point sits here, in the module ``-m`` runs, so that ``config_path`` is
+read relative to this file.
+"""
 
-main()
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from finqa_exp.bench.run import BenchConfig, measure, to_markdown, write
+from finqa_exp.config import typed
+from finqa_exp.errors import exit_on_bad_input
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    with exit_on_bad_input("finqa_exp.bench"):
+        bc = typed(cfg, BenchConfig)
+        results = measure(bc)
+    md, js = write(results, Path(bc.out_dir))
+    print(to_markdown(results))
+    print(f"written: {md} and {js}")
+
+
+if __name__ == "__main__":
+    main()

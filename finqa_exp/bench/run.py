@@ -27,9 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
 
 from finqa_exp.bench import rows as table
 from finqa_exp.config import (
@@ -38,9 +36,7 @@ from finqa_exp.config import (
     PathsConfig,
     QuantConfig,
     register_configs,
-    typed,
 )
-from finqa_exp.errors import exit_on_bad_input
 
 log = logging.getLogger(__name__)
 
@@ -292,13 +288,3 @@ def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     md.write_text(to_markdown(results), encoding="utf-8")
     js.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     return md, js
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
-def main(cfg: DictConfig) -> None:
-    with exit_on_bad_input("finqa_exp.bench"):
-        bc = typed(cfg, BenchConfig)
-        results = measure(bc)
-    md, js = write(results, Path(bc.out_dir))
-    print(to_markdown(results))
-    print(f"written: {md} and {js}")

@@ -29,12 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
 
-from finqa_exp.config import ConfigError, PathsConfig, TrackingConfig, typed
-from finqa_exp.errors import exit_on_bad_input
+from finqa_exp.config import ConfigError, PathsConfig, TrackingConfig
 from finqa_exp.report.data import ReportError, StudyData, load_study_data, open_study, study_names
 from finqa_exp.report.numbers import best_so_far, loss_curves
 from finqa_exp.report.render import to_html, to_markdown
@@ -192,13 +189,3 @@ def write_report(rc: ReportConfig) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
-def main(cfg: DictConfig) -> None:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with exit_on_bad_input("finqa_exp.report"):
-        folder = write_report(typed(cfg, ReportConfig))
-    print(f"report: {folder / 'report.md'} and {folder / 'report.html'}")
