@@ -30,7 +30,10 @@ from finqa_exp.sweep.study_book import HEARTBEAT_ATTR, set_trial_attr, trial_id
 
 log = logging.getLogger(__name__)
 
-TRIAL_ENV = "FINQA_OPTUNA_TRIAL"  # set in each job's environment (hydra.job.env_set)
+# A job's trial number is its Hydra job number: the sweeper launches each run of consecutive
+# trials with initial_job_idx = its first trial's number. This variable overrides it for a
+# TrialJob called outside Hydra's launchers (as tests do).
+TRIAL_ENV = "FINQA_OPTUNA_TRIAL"
 
 _current_trial: contextvars.ContextVar[optuna.Trial | None] = contextvars.ContextVar(
     "finqa_optuna_trial", default=None
@@ -89,7 +92,7 @@ class TrialJob:
     """The task function as the launcher sees it: binds the job to its trial, then runs it.
 
     It travels to joblib workers by pickle, so it holds the storage itself (RDB and journal
-    storages reconnect on unpickling) and the job's trial number comes from its environment.
+    storages reconnect on unpickling); the job's trial number is its Hydra job number.
     """
 
     task_function: TaskFunction
@@ -105,7 +108,7 @@ class TrialJob:
             sampler=self.sampler,
             pruner=self.pruner,
         )
-        token = _current_trial.set(_bind_trial(study, int(os.environ[TRIAL_ENV])))
+        token = _current_trial.set(_bind_trial(study, job_trial_number()))
         failed = False
         try:
             return self.task_function(cfg)
@@ -116,6 +119,15 @@ class TrialJob:
         finally:
             _current_trial.reset(token)
             release_memory(failed)
+
+
+def job_trial_number() -> int:
+    """The Optuna trial number of the job running here (its Hydra job number)."""
+    if TRIAL_ENV in os.environ:
+        return int(os.environ[TRIAL_ENV])
+    from hydra.core.hydra_config import HydraConfig
+
+    return int(HydraConfig.get().job.num)
 
 
 def _bind_trial(study: optuna.Study, number: int) -> optuna.Trial:

@@ -15,7 +15,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from finqa_exp.sweep.job import TRIAL_ENV, Heartbeat
+from finqa_exp.sweep.job import Heartbeat
 from finqa_exp.sweep.search_space import SearchSpace
 from finqa_exp.sweep.search_space import trial_overrides as params_to_overrides
 from finqa_exp.sweep.study_book import (
@@ -147,7 +147,6 @@ class SweepRun:
         if self.extend is not None:
             self.extend(self.sweep.config, trial)
         overrides = params_to_overrides(trial.params, self.space)
-        overrides.append(f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}")
         # Compose now so a bad sampled value fails this trial, not the whole batch.
         self.sweep.hydra_context.config_loader.load_sweep_config(self.sweep.config, overrides)
         return overrides
