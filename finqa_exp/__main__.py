@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from finqa_exp.config import register_configs
-from finqa_exp.errors import exit_on_bad_input
+from finqa_exp.errors import exit_on_bad_input, run_hydra_command
 
 register_configs()
 
@@ -33,4 +33,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_command(main, "finqa_exp")

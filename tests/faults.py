@@ -9,7 +9,7 @@ another process can count the faults that really fired::
         '+train.callbacks.fault={_target_: tests.faults.RaiseAt, step: 3, trial: 1}'
 
 (the repo root must be on PYTHONPATH so that ``tests.faults`` imports.) Used by
-tests/test_faults.py.
+tests/sweep/test_faults.py.
 """
 
 from __future__ import annotations

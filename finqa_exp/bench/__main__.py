@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from finqa_exp.bench.run import BenchConfig, measure, to_markdown, write
 from finqa_exp.config import typed
-from finqa_exp.errors import exit_on_bad_input
+from finqa_exp.errors import exit_on_bad_input, run_hydra_command
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
@@ -25,4 +25,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_command(main, "finqa_exp.bench")

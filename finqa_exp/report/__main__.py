@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finqa_exp.config import typed
-from finqa_exp.errors import exit_on_bad_input
+from finqa_exp.errors import exit_on_bad_input, run_hydra_command
 from finqa_exp.report.build import ReportConfig, study_shorthand, write_report
 
 
@@ -26,4 +26,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = study_shorthand(sys.argv[1:])
-    main()
+    run_hydra_command(main, "finqa_exp.report")

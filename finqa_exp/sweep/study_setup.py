@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from hydra.errors import CompactHydraException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from optuna.distributions import (
@@ -34,7 +35,12 @@ log = logging.getLogger(__name__)
 
 
 class SweepError(RuntimeError):
-    """The sweep cannot go on: bad sweeper settings or too many failed trials."""
+    """The sweep cannot go on: too many of its trials failed, or its settings are wrong."""
+
+
+class SweepConfigError(SweepError, CompactHydraException):
+    """The sweeper's settings are wrong: a config error, which Hydra prints as one message
+    (no traceback) like its own."""
 
 
 def open_storage(spec: Any) -> BaseStorage:
@@ -49,7 +55,9 @@ def open_storage(spec: Any) -> BaseStorage:
     if OmegaConf.is_dict(spec) or isinstance(spec, dict):
         storage = instantiate(spec)
         if not isinstance(storage, BaseStorage):
-            raise SweepError(f"hydra.sweeper.storage built {type(storage).__name__}, not a storage")
+            raise SweepConfigError(
+                f"hydra.sweeper.storage built {type(storage).__name__}, not a storage"
+            )
         return storage
     # Files are made absolute: a job that changes directory (hydra.job.chdir) must still
     # reach the same study.
@@ -87,7 +95,9 @@ def study_directions(direction: Any) -> list[str]:
     names = [str(getattr(item, "name", item)).lower() for item in items]
     bad = [name for name in names if name not in ("minimize", "maximize")]
     if not names or bad:
-        raise SweepError(f"hydra.sweeper.direction must be minimize/maximize or a list; got {bad}")
+        raise SweepConfigError(
+            f"hydra.sweeper.direction must be minimize/maximize or a list; got {bad}"
+        )
     return names
 
 
@@ -100,7 +110,7 @@ def build_sampler(
         return sampler, n_trials
     grid = {name: grid_values(name, dist) for name, dist in space.distributions.items()}
     if not grid:
-        raise SweepError("the grid sampler needs params to sweep (hydra.sweeper.params)")
+        raise SweepConfigError("the grid sampler needs params to sweep (hydra.sweeper.params)")
     size = grid_size(grid)
     if size < n_trials:
         log.info("The grid has %d points: n_trials %d -> %d", size, n_trials, size)

@@ -46,7 +46,7 @@ from finqa_exp.sweep.study_book import (
     study_results,
 )
 from finqa_exp.sweep.study_setup import (
-    SweepError,
+    SweepConfigError,
     build_sampler,
     continued_sampler_conf,
     open_storage,
@@ -88,9 +88,11 @@ class StudySweep:
         preflight: str | None = None,
     ) -> None:
         if not 0.0 <= max_failure_rate <= 1.0:
-            raise SweepError(f"max_failure_rate must be within [0, 1], got {max_failure_rate}")
+            raise SweepConfigError(
+                f"max_failure_rate must be within [0, 1], got {max_failure_rate}"
+            )
         if n_trials < 0 or n_jobs < 1 or heartbeat_interval <= 0 or max_retry < 0:
-            raise SweepError(
+            raise SweepConfigError(
                 "need n_trials >= 0, n_jobs >= 1, heartbeat_interval > 0 and max_retry >= 0; "
                 f"got {n_trials}, {n_jobs}, {heartbeat_interval}, {max_retry}"
             )
@@ -150,7 +152,7 @@ class StudySweep:
             hydra_context=self.hydra_context, task_function=job, config=self.config
         )
         if isinstance(storage, InMemoryStorage) and not _in_process(launcher):
-            raise SweepError(
+            raise SweepConfigError(
                 f"hydra.sweeper.storage is null (in memory), but {type(launcher).__name__} runs "
                 "jobs in other processes that cannot reach it: set hydra.sweeper.storage, e.g. "
                 "journal:///abs/path/study.log or sqlite:////abs/path/study.db"
@@ -224,7 +226,7 @@ class StudySweep:
         )
         found = [d.name.lower() for d in study.directions]
         if found != self.directions:
-            raise SweepError(
+            raise SweepConfigError(
                 f"study {study.study_name} is {found}, but hydra.sweeper.direction asks for "
                 f"{self.directions}: use another study_name"
             )

@@ -1,5 +1,5 @@
 """The finqa_optuna sweeper: grammar mapping and bookkeeping units, then the real CLI of a toy
-Hydra app (tests/toy_app) run as `python tests/toy_app/app.py -m ...` in subprocesses.
+Hydra app (tests/sweep/toy_app) run as `python tests/sweep/toy_app/app.py -m ...` in subprocesses.
 
     pytest tests/sweep/test_sweeper.py            # about a minute on 2 CPU cores
     pytest tests/sweep/test_sweeper.py -k search_space
@@ -39,8 +39,8 @@ from finqa_exp.sweep import study_book as book
 from finqa_exp.sweep import sweeper as sw
 
 REPO = Path(__file__).resolve().parents[2]
-APP = REPO / "tests" / "toy_app" / "app.py"
-TOY_CONF = REPO / "tests" / "toy_app" / "conf"
+APP = REPO / "tests" / "sweep" / "toy_app" / "app.py"
+TOY_CONF = REPO / "tests" / "sweep" / "toy_app" / "conf"
 SAMPLER_CLASSES = {
     "tpe": "TPESampler",
     "random": "RandomSampler",

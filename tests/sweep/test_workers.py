@@ -1,6 +1,6 @@
 """Several sweep workers on one study, tracked by one MLflow server: the real command, at once.
 
-    FINQA_TEST_POSTGRES_URL=postgresql://user:pw@127.0.0.1/db pytest tests/test_workers.py -s
+    FINQA_TEST_POSTGRES_URL=postgresql://user:pw@127.0.0.1/db pytest tests/sweep/test_workers.py -s
 
 Starts 2 or 4 copies of ``python -m finqa_exp -m`` (tiny-model trials) together against one
 Optuna study (a journal file, or PostgreSQL) and one ``mlflow server`` on 127.0.0.1 (backed
@@ -34,7 +34,7 @@ from finqa_exp.sweep import study_book as book
 from tests.conftest import FAST
 from tests.servers import NO_POSTGRES, POSTGRES_URL, postgres_schema, tracking_server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STUDY = "finqa_tiny_finqa_sample"
 LAUNCH = re.compile(r"\[HYDRA\]\s+#(\d+) : ")
 

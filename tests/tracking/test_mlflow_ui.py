@@ -1,7 +1,7 @@
 """A sweep's runs in the MLflow UI, in a real browser (headless Chromium through Selenium).
 
-    pytest tests/test_mlflow_ui.py -s          # needs Debian's chromium and chromium-driver
-    FINQA_UI_SCREENSHOT=/abs/mlflow-ui.png pytest tests/test_mlflow_ui.py   # keep the picture
+    pytest tests/tracking/test_mlflow_ui.py -s   # needs Debian chromium and chromium-driver
+    FINQA_UI_SCREENSHOT=/abs/ui.png pytest tests/tracking/test_mlflow_ui.py  # keep the picture
 
 Runs a 2-trial sweep into an ``mlflow server`` on 127.0.0.1 (tests/servers.py), opens the
 experiment's runs table ("Model training" view; MLflow 3 opens experiments in its GenAI
@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from tests.conftest import FAST
 from tests.servers import tracking_server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STUDY = "finqa_tiny_finqa_sample"
 EXPERIMENT = "finqa-ui"
 

@@ -1,7 +1,7 @@
 """Toy Hydra app that the finqa_optuna sweeper tests drive: a quadratic in x and y plus a
 categorical offset, reporting a falling value at each step so pruners have something to judge.
 
-    PYTHONPATH=. python tests/toy_app/app.py -m hydra.sweep.dir=/tmp/toy hydra.sweeper.n_trials=4
+    PYTHONPATH=. python tests/sweep/toy_app/app.py -m hydra.sweeper.n_trials=4
 
 Config knobs fail, NaN, or stall chosen trial numbers, so each sweeper path can be hit on
 purpose. Each job writes trial.json into its own output folder.

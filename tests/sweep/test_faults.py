@@ -8,7 +8,7 @@ failure budget and exits 0; the study holds exactly n_trials trials and nothing 
 RUNNING in Optuna or MLflow; and the trial after the fault scores exactly what the same
 params score in a clean sweep. See the figures with::
 
-    pytest -s tests/test_faults.py
+    pytest -s tests/sweep/test_faults.py
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial
 
 from tests.conftest import FAST
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STUDY = "finqa_tiny_finqa_sample"  # the default hydra.sweeper.study_name: finqa_<model>_<data>
 
 pytestmark = pytest.mark.slow
