@@ -41,7 +41,7 @@ from finqa_exp.config import (
     TrackingConfig,
     validate,
 )
-from finqa_exp.errors import BadInput, exit_on_bad_input
+from finqa_exp.errors import BadInput, exit_on_bad_input, hydra_error_line
 from finqa_exp.tracking import CHAMPION_ALIAS, RunStore, names, redact
 
 log = logging.getLogger("finqa_exp.ask")
@@ -110,7 +110,7 @@ def compose(overrides: Sequence[str]) -> AskConfig:
             cfg = hydra_compose(config_name="ask", overrides=list(overrides))
         obj = OmegaConf.to_object(cfg)
     except Exception as err:  # bad override or type: Hydra's first line says which
-        raise ConfigError(str(err).strip().splitlines()[0]) from err
+        raise ConfigError(hydra_error_line(err)) from err
     assert isinstance(obj, AskConfig)
     return obj
 
@@ -170,7 +170,7 @@ def base_source(trial: FinqaConfig) -> str:
     """Where the trial's base model is: its hub id or folder, or the tiny one, rebuilt from
     the same data split (or found in the cache) as the trial built it."""
     from finqa_exp import data as data_lib
-    from finqa_exp.trial import base_model_source
+    from finqa_exp.modeling import base_model_source
 
     splits = data_lib.load_splits(trial.data) if not trial.model.name_or_path else None
     return base_model_source(trial, splits)

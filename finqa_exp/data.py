@@ -298,3 +298,9 @@ def tokenize(tokenizer: Any, template: str, pairs: list[QAPair], max_length: int
     ds = datasets.Dataset.from_list(rows)
     _TOKENIZED[key] = ds
     return ds
+
+
+def cache_key(*parts: Any) -> str:
+    """Stable hash of the things a cache entry depends on (model, data, prompt, eval)."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

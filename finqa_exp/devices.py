@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,3 +204,33 @@ def native_bf16(dev: torch.device) -> bool:
     if dev.type != "cuda":
         return False
     return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """What a trial's peak memory measured (``kind``, the run's ``peak_memory_kind`` tag)
+    and the metrics it is logged as."""
+
+    kind: str
+    metrics: dict[str, float]
+
+
+def peak_memory(dev: torch.device) -> PeakMemory:
+    """Peak memory of this process's device: on GPU, PyTorch's peak allocated and reserved
+    memory since the last reset (a trial resets it once its base is ready; nvidia-smi
+    shows reserved plus the CUDA context); on CPU, the process's peak RSS."""
+    import resource
+
+    import torch
+
+    if dev.type == "cuda":
+        return PeakMemory(
+            "cuda_max_allocated",
+            {
+                "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20,
+                "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(dev) / 2**20,
+            },
+        )
+    # ru_maxrss is in KiB on Linux; it is the process's peak, so it includes loading.
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return PeakMemory("cpu_max_rss", {"peak_memory_mb": rss_mb})

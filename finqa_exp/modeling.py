@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finqa_exp.config import LoraConfig, ModelConfig, QuantConfig
+from finqa_exp import data as data_lib
+from finqa_exp.config import FinqaConfig, LoraConfig, ModelConfig, QuantConfig
 from finqa_exp.devices import native_bf16
 
 log = logging.getLogger(__name__)
@@ -279,3 +280,78 @@ class SharedBase:
 
 
 shared_base = SharedBase()
+
+
+# ----------------------------------------------------------------------------- a trial's base
+
+
+@dataclass
+class Base:
+    """The base model as a trial uses it, with its tokenizer and tokenized splits."""
+
+    source: str
+    tokenizer: Any
+    model: Any
+    device: torch.device
+    train_ds: Any
+    eval_ds: Any
+    data_key: str  # identifies tokenizer, data, template and max length
+
+
+def base_model_source(conf: FinqaConfig, splits: data_lib.Splits) -> str:
+    """Local folder or hub id of the base model; builds (or reuses) the tiny one if asked."""
+    from finqa_exp import tiny
+
+    if conf.model.name_or_path:
+        return conf.model.name_or_path
+    return str(tiny.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir))
+
+
+def load_base(conf: FinqaConfig, splits: data_lib.Splits, dev: torch.device) -> Base:
+    """The base model, loaded once per process (a sweep's later trials reuse it: adapters
+    are swapped), and the tokenized splits."""
+    source = base_model_source(conf, splits)
+    quant = "4-bit " + conf.quant.quant_type if conf.quant.load_in_4bit else "not quantized"
+    log.info("base model %s (%s)", source, quant)
+    tokenizer, model, reused = shared_base.get(source, conf.model, conf.quant, dev)
+    log.info("base model %s", "reused from the previous trial" if reused else "loaded")
+    if dev.type == "cuda":
+        # From here on: what this trial adds to the resident base, loaded or reused.
+        torch.cuda.reset_peak_memory_stats(dev)
+    d = conf.data
+    key = data_lib.cache_key(
+        source, conf.model.revision, splits.fingerprint(), d.prompt_template, d.max_length
+    )
+    template, max_len = d.prompt_template, d.max_length
+    train_ds = data_lib.tokenize(tokenizer, template, splits.train, max_len, f"train-{key}")
+    eval_ds = data_lib.tokenize(tokenizer, template, splits.test, max_len, f"test-{key}")
+    return Base(source, tokenizer, model, dev, train_ds, eval_ds, key)
+
+
+@dataclass
+class Adapter:
+    """The base with this trial's LoRA adapter, and whether activation checkpointing is on."""
+
+    model: Any
+    checkpointing: bool
+
+
+def add_adapter(conf: FinqaConfig, base: Base) -> Adapter:
+    """The base with this trial's LoRA adapter (the shared base's; one at a time)."""
+    from transformers import set_seed
+
+    longest = max(len(ex["input_ids"]) for ex in base.train_ds)
+    checkpointing = use_gradient_checkpointing(
+        conf.model.gradient_checkpointing, base.model.config, conf.train.batch_size, longest,
+        base.device,
+    )  # fmt: skip
+    # Seed before the adapter is created: LoRA's A matrices are drawn from the global RNG,
+    # which building the tiny base or scoring has already advanced by a varying amount.
+    set_seed(conf.train.seed)
+    model = shared_base.add_lora(conf.lora, checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "LoRA r=%d: %d trainable of %d parameters; gradient checkpointing %s",
+        conf.lora.r, trainable, total, "on" if checkpointing else "off",
+    )  # fmt: skip
+    return Adapter(model, checkpointing)

@@ -7,7 +7,7 @@ import torch
 
 from finqa_exp import evaluation
 from finqa_exp.config import TinyModelConfig
-from finqa_exp.data import QAPair
+from finqa_exp.data import QAPair, cache_key
 from finqa_exp.tiny import llama_config, train_tokenizer
 
 
@@ -58,8 +58,8 @@ def test_batched_generation_matches_one_at_a_time(tiny_model):
 
 
 def test_base_score_cache_roundtrip(tmp_path):
-    key = evaluation.cache_key("model", {"r": 1}, QAPair("q", "a").question)
+    key = cache_key("model", {"r": 1}, QAPair("q", "a").question)
     assert evaluation.load_cached(tmp_path, key) is None
-    evaluation.save_cached(tmp_path, key, {"scores": {"rougeL": 0.5}, "answers": ["x"]})
-    assert evaluation.load_cached(tmp_path, key)["scores"] == {"rougeL": 0.5}
-    assert evaluation.cache_key("model", {"r": 2}, "q") != key
+    evaluation.save_cached(tmp_path, key, evaluation.Answers({"rougeL": 0.5}, ["x"]))
+    assert evaluation.load_cached(tmp_path, key) == evaluation.Answers({"rougeL": 0.5}, ["x"])
+    assert cache_key("model", {"r": 2}, "q") != key

@@ -283,7 +283,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """ROUGE of greedy answers on the test split, for the base and the tuned model."""
+    """Scores of greedy answers on the test split, for the base and the tuned model: ROUGE,
+    the ``evaluate`` metrics listed, and bootstrap intervals over the questions."""
 
     max_new_tokens: int = 64
     batch_size: int = 16
@@ -291,6 +292,11 @@ class EvalConfig:
     max_questions: int | None = None
     # Questions shown with reference, base and tuned answers in the logged table.
     num_samples: int = 10
+    # evaluate modules beside ROUGE: shipped (finqa_exp/metrics), a local path, or a hub name.
+    metrics: list[str] = field(default_factory=lambda: ["numeric_accuracy"])
+    # Paired bootstrap over the test questions: resamples and confidence level.
+    bootstrap_resamples: int = 1000
+    ci_level: float = 0.95
 
     def __post_init__(self) -> None:
         _require(
@@ -303,6 +309,13 @@ class EvalConfig:
                 f"eval.max_questions must be >= 1, got {self.max_questions}",
             )
         _require(self.num_samples >= 0, f"eval.num_samples must be >= 0, got {self.num_samples}")
+        _require(
+            self.bootstrap_resamples >= 1000,
+            f"eval.bootstrap_resamples must be >= 1000, got {self.bootstrap_resamples}",
+        )
+        _require(0 < self.ci_level < 1, f"eval.ci_level must be in (0, 1), got {self.ci_level}")
+        twice = len(set(self.metrics)) < len(self.metrics)
+        _require(not twice, f"eval.metrics lists a metric twice: {list(self.metrics)}")
 
 
 @dataclass

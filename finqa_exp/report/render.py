@@ -36,6 +36,11 @@ def fmt_num(value: float | None, digits: int = 4) -> str:
     return NONE if value is None else f"{value:.{digits}f}"
 
 
+def fmt_interval(low: float | None, high: float | None) -> str:
+    """A confidence interval, ``0.1303 to 0.1816``."""
+    return NONE if low is None or high is None else f"{low:.4f} to {high:.4f}"
+
+
 def fmt_pct(value: float | None) -> str:
     return NONE if value is None else f"{value:+.1f}%"
 

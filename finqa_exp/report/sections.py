@@ -34,6 +34,7 @@ from finqa_exp.report.render import (
     Table,
     Text,
     fmt_duration,
+    fmt_interval,
     fmt_num,
     fmt_pct,
     fmt_value,
@@ -149,7 +150,8 @@ def winners_blocks(data: StudyData, top_k: int, level: int) -> list[Block]:
     shown = {**dict(ROUGE), "eval_loss": "eval loss"}
     extra = () if data.metric in shown else (f"{data.metric} (objective)",)
     labels = [f"{v} (objective)" if k == data.metric else v for k, v in shown.items()]
-    header = ("rank", "trial", *names, *extra, *labels, "train time", "MLflow run")
+    interval = f"{shown.get(data.metric, data.metric)}, 95 % interval"
+    header = ("rank", "trial", *names, *extra, *labels, interval, "train time", "MLflow run")
     rows = []
     for rank, t in enumerate(data.ranked[:top_k], start=1):
         rows.append(
@@ -159,6 +161,7 @@ def winners_blocks(data: StudyData, top_k: int, level: int) -> list[Block]:
                 *(fmt_value(t.params.get(n, NONE)) for n in names),
                 *((fmt_num(t.value),) if extra else ()),
                 *(fmt_num(t.metric(key)) for key in shown),
+                fmt_interval(t.metric(f"{data.metric}_ci_low"), t.metric(f"{data.metric}_ci_high")),
                 fmt_duration(t.metric("train_time_s")),
                 Code(t.run.run_id) if t.run else NONE,
             )
@@ -195,13 +198,34 @@ def winners_blocks(data: StudyData, top_k: int, level: int) -> list[Block]:
 def base_vs_best_blocks(data: StudyData, level: int) -> list[Block]:
     best = data.best
     rows = []
-    for key, label in ROUGE:
-        base, tuned = best.metric(f"base_{key}"), best.metric(key)
-        rows.append((label, fmt_num(base), fmt_num(tuned), fmt_pct(improvement_pct(base, tuned))))
-    return [
-        Heading(level, f"Base vs best (trial {best.number})"),
-        Table(("metric", "base", "tuned", "improvement"), tuple(rows), (False, True, True, True)),
+    shown = [
+        *ROUGE,
+        *(
+            (("numeric_accuracy", "numeric accuracy"),)
+            if best.metric("numeric_accuracy") is not None
+            else ()
+        ),
     ]
+    for key, label in shown:
+        base, tuned = best.metric(f"base_{key}"), best.metric(key)
+        gap = fmt_interval(best.metric(f"delta_{key}_ci_low"), best.metric(f"delta_{key}_ci_high"))
+        rows.append(
+            (label, fmt_num(base), fmt_num(tuned), fmt_pct(improvement_pct(base, tuned)), gap)
+        )
+    header = ("metric", "base", "tuned", "improvement", "tuned - base, 95 % interval")
+    blocks: list[Block] = [
+        Heading(level, f"Base vs best (trial {best.number})"),
+        Table(header, tuple(rows), (False, True, True, True, True)),
+    ]
+    if best.metric("numeric_questions") is not None:
+        n = int(best.metric("numeric_questions") or 0)
+        blocks.append(
+            Para(
+                f"Intervals: paired bootstrap over the test questions (numeric accuracy: the "
+                f"{plural(n, 'question')} whose reference holds a number)."
+            )
+        )
+    return blocks
 
 
 def params_blocks(data: StudyData, plots: Mapping[str, str], level: int) -> list[Block]:

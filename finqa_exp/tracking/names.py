@@ -18,12 +18,14 @@ STUDY_TAG = "study"  # the study's name, on its parent run and every trial's run
 TRIAL_NUMBER_TAG = "trial_number"
 ROLE_TAG = "optuna_role"  # "study" on a study's parent run
 PEAK_MEMORY_KIND_TAG = "peak_memory_kind"  # what peak_memory_mb measured
+MODEL_TAG, DATA_TAG, EXPERIMENT_TAG = "model", "data", "experiment"  # config names
 
 # Trial states, as Optuna names them (TrialState.name).
 COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
 
 # Artifacts of a trial's run, and the file beside its adapter in the job folder.
 CONFIG_ARTIFACT = "config.yaml"
-SAMPLES_ARTIFACT = "samples.json"
+SAMPLES_ARTIFACT = "samples.json"  # the short view: a few questions and both answers
+SCORES_ARTIFACT = "scores.json"  # every scored question, with each score for base and tuned
 ADAPTER_ARTIFACT = "adapter"
 METRICS_FILE = "metrics.json"

@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from finqa_exp.config import FinqaConfig
 from finqa_exp.tracking import names
+from finqa_exp.tracking.environment import environment_tags
 from finqa_exp.tracking.runs import FAILED, FINISHED, KILLED, Tracker
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,23 @@ def phase_metrics(seconds: dict[str, float], total: float) -> dict[str, float]:
         **{f"time_{name}_s": value for name, value in sorted(seconds.items())},
         "trial_time_s": total,
         "overhead_share": (total - work) / total if total > 0 else 0.0,
+    }
+
+
+def trial_run_name(conf: FinqaConfig, trial: Any | None) -> str:
+    """``tracking.run_name``, else ``trial-<n>`` in a sweep, else ``<model>-<data>``."""
+    if conf.tracking.run_name:
+        return conf.tracking.run_name
+    return f"trial-{trial.number}" if trial is not None else f"{conf.model.name}-{conf.data.name}"
+
+
+def trial_run_tags(conf: FinqaConfig, device: str) -> dict[str, str]:
+    """The tags a trial's run starts with: environment, device, model, data, experiment."""
+    return {
+        **environment_tags(device),
+        names.MODEL_TAG: conf.model.name,
+        names.DATA_TAG: conf.data.name,
+        names.EXPERIMENT_TAG: conf.experiment or "default",
     }
 
 

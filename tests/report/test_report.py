@@ -345,8 +345,9 @@ def test_report_numbers_match_the_stores(stores):
         ("0", f"`{ids[0]}`"),
         ("4", f"`{ids[4]}`"),
     ]
-    # rank, trial, lora.r, batch, lr, ROUGE-1/2/L, eval loss, train time, run
-    assert winners[0][:10] == [
+    # rank, trial, lora.r, batch, lr, ROUGE-1/2/L, eval loss, objective's interval (these
+    # fake runs logged none), train time, run
+    assert winners[0][:11] == [
         "1",
         "1",
         "8",
@@ -356,13 +357,14 @@ def test_report_numbers_match_the_stores(stores):
         "0.2200",
         "0.4000",
         "1.7000",
+        "-",
         "84.0 s",
     ]
     assert "`python -m finqa_exp lora.r=8 train.batch_size=4 train.learning_rate=0.0005`" in md
     assert table(md, "metric") == [
-        ["ROUGE-1", "0.2000", "0.4400", "+120.0%"],
-        ["ROUGE-2", "0.0500", "0.2200", "+340.0%"],
-        ["ROUGE-L", "0.1800", "0.4000", "+122.2%"],
+        ["ROUGE-1", "0.2000", "0.4400", "+120.0%", "-"],  # these fake runs logged no
+        ["ROUGE-2", "0.0500", "0.2200", "+340.0%", "-"],  # intervals
+        ["ROUGE-L", "0.1800", "0.4000", "+122.2%", "-"],
     ]
 
 
@@ -648,12 +650,17 @@ def test_real_sweep_report_champion_and_ask(tmp_path, cache_dir):
     assert winner["trial"] == str(best.number) and winner["MLflow run"] == f"`{champ.run_id}`"
     assert winner["ROUGE-L (objective)"] == f"{best.value:.4f}" == f"{run.metrics['rougeL']:.4f}"
     base, tuned = run.metrics["base_rougeL"], run.metrics["rougeL"]
+    low, high = run.metrics["delta_rougeL_ci_low"], run.metrics["delta_rougeL_ci_high"]
     assert table(md, "metric")[2] == [
         "ROUGE-L",
         f"{base:.4f}",
         f"{tuned:.4f}",
         f"{(tuned - base) / base * 100:+.1f}%",
+        f"{low:.4f} to {high:.4f}",
     ]
+    assert table(md, "metric")[3][0] == "numeric accuracy"
+    interval = f"{run.metrics['rougeL_ci_low']:.4f} to {run.metrics['rougeL_ci_high']:.4f}"
+    assert winner["ROUGE-L, 95 % interval"] == interval
     assert "champion" in md and len(store.client.search_model_versions(f"name = '{name}'")) == 1
     assert command(tmp_path, "finqa_exp.report", f"study={name}").returncode == 0
     assert (tmp_path / "reports" / name / "report.md").read_text() == md

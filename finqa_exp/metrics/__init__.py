@@ -1,0 +1,72 @@
+"""Answer metrics beyond ROUGE, as Hugging Face ``evaluate`` modules.
+
+``eval.metrics`` names them: a module shipped here (``numeric_accuracy``, in its own folder),
+a local folder or script, or a hub name (``bleu``; needs the network once, then evaluate's
+cache). Each is loaded before any model, so a metric that cannot be loaded is a one-line
+error that costs nothing::
+
+    python -m finqa_exp eval.metrics=[numeric_accuracy,/abs/path/my_metric]
+
+A module scores the answers as a whole (its own aggregate, logged as is) and one question at
+a time (the per-question table, and the bootstrap intervals). Float outputs are scores; int
+outputs (``numeric_questions``) are counts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from finqa_exp.errors import BadInput
+
+SHIPPED = Path(__file__).resolve().parent
+
+
+class MetricError(BadInput, ValueError):
+    """A metric in ``eval.metrics`` cannot be loaded or used."""
+
+
+def source(name: str) -> str:
+    """Where ``evaluate.load`` finds ``name``: a shipped folder, a local path, or the hub."""
+    if (SHIPPED / name / f"{name}.py").is_file():
+        return str(SHIPPED / name)
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.endswith(".py"):
+        raise MetricError(f"eval.metrics: no metric file or folder at {name}")
+    return name  # a hub name
+
+
+def load(names: list[str]) -> dict[str, Any]:
+    """The ``evaluate`` modules named in ``eval.metrics``, by name, loaded in memory."""
+    import evaluate
+
+    modules = {}
+    for name in names:
+        src = source(name)
+        try:
+            modules[name] = evaluate.load(src, keep_in_memory=True)
+        except Exception as err:  # evaluate raises many kinds; say which metric and why
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MetricError(f"eval.metrics: cannot load {name!r} ({src}): {first}") from err
+    return modules
+
+
+def compute(
+    module: Any, predictions: list[str], references: list[str]
+) -> tuple[dict[str, float], dict[str, int], dict[str, list[float | None]]]:
+    """Scores over all answers, counts, and each score per question (None where a question
+    does not count, e.g. numeric accuracy for a reference without a number)."""
+    whole = module.compute(predictions=predictions, references=references)
+    scores = {k: float(v) for k, v in whole.items() if isinstance(v, float)}
+    counts = {k: int(v) for k, v in whole.items() if isinstance(v, int) and not isinstance(v, bool)}
+    per_question: dict[str, list[float | None]] = {k: [] for k in scores}
+    for pred, ref in zip(predictions, references):
+        one = module.compute(predictions=[pred], references=[ref])
+        for k in scores:
+            value = one.get(k)
+            ok = isinstance(value, (int, float)) and not math.isnan(value)
+            per_question[k].append(float(value) if ok else None)
+    return scores, counts, per_question
