@@ -227,6 +227,7 @@ def test_one_trial_per_gpu(tmp_path):
             "model.tiny.pretrain_epochs=1",  # the tiny base is built here: keep it quick
             "hydra/sweeper/pruner=none",
             f"hydra.sweeper.n_trials={n_trials}",
+            "hydra.sweeper.confirm.top_k=0",
             f"+train.callbacks.probe={{_target_: tests.probes.RecordDevice, record: {record}}}",
         ],
         cwd=tmp_path,

@@ -58,6 +58,7 @@ def sweep_run(
         "-m",
         f"hydra.sweeper.study_name={name}",
         f"hydra.sweeper.n_trials={n_trials}",
+        "hydra.sweeper.confirm.top_k=0",  # the pair compares single-run studies
         f"hydra.sweeper.sampler.seed={seed}",
         f"hydra.sweep.dir={root}/multirun/{name}",
         *([] if pruner else ["hydra/sweeper/pruner=none"]),

@@ -10,8 +10,9 @@ from it. Nothing here writes a store.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,26 @@ class TrialRow:
         return self.run.metrics.get(key) if self.run else None
 
 
+@dataclass(frozen=True)
+class ConfirmedRow:
+    """A top trial trained again with other seeds (finqa_exp/sweep/confirm.py)."""
+
+    trial: TrialRow
+    values: tuple[float, ...]  # the objective: the trial's own run, then one per seed
+    seeds: tuple[int | None, ...]  # None: the trial's own seed
+    runs: tuple[RunRecord | None, ...]  # aligned with values
+    # The objective per test question, averaged over the seeds (None: no scores.json).
+    question_means: tuple[float | None, ...] | None
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+
 @dataclass
 class StudyData:
     """Everything a report shows of one study, read from the stores."""
@@ -68,6 +89,10 @@ class StudyData:
     curves: dict[int, tuple[list[tuple[int, float]], list[tuple[int, float]]]]
     samples: list[dict[str, Any]]
     champion: Champion | None = None
+    # trial number -> the objective per test question (scores.json), for the top trials
+    question_scores: dict[int, list[float | None]] = field(default_factory=dict)
+    # The confirmed configurations, best mean first ([] if the study was not confirmed).
+    confirmed: list[ConfirmedRow] = field(default_factory=list)
 
     @property
     def ranked(self) -> list[TrialRow]:
@@ -87,6 +112,15 @@ class StudyData:
     @property
     def unfinished(self) -> int:
         return sum(t.state in ("RUNNING", "WAITING") for t in self.trials)
+
+
+def _score(value: Any) -> float | None:
+    """A per-question score as logged (NaN or None where the question does not count)."""
+    return None if value is None or value != value else float(value)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def state_counts(trials: Sequence[TrialRow], states: Sequence[str] = STATES) -> dict[str, int]:
@@ -263,6 +297,41 @@ def load_study_data(
                 logged_steps(store.history(t.run.run_id, "train_loss")),
                 logged_steps(store.history(t.run.run_id, "eval_loss")),
             )
+            scores = question_scores(store, t.run.run_id, data.metric)
+            if scores is not None:
+                data.question_scores[t.number] = scores
     if best.run is not None:
         data.samples = store.table(best.run.run_id, names.SAMPLES_ARTIFACT)[:num_examples]
+    data.confirmed = confirmed_rows(study, store, data)
     return data
+
+
+def question_scores(store: RunStore, run_id: str, metric: str) -> list[float | None] | None:
+    """The run's objective per test question, from its scores.json (None if it has none,
+    or the objective is not scored per question, like eval_loss)."""
+    rows = store.table(run_id, names.SCORES_ARTIFACT)
+    column = f"tuned_{metric}"
+    return [_score(r[column]) for r in rows] if rows and column in rows[0] else None
+
+
+def confirmed_rows(study: Any, store: RunStore, data: StudyData) -> list[ConfirmedRow]:
+    from finqa_exp.sweep.confirm import confirmed
+
+    by_number = {t.number: t for t in data.trials}
+    rows = []
+    for c in confirmed(study):
+        run_ids = [c.trial.user_attrs.get(names.RUN_ID_ATTR)]
+        run_ids += [t.user_attrs.get(names.RUN_ID_ATTR) for t in c.confirmations]
+        runs = tuple(store.run(r) if r else None for r in run_ids)
+        per_seed = [question_scores(store, r, data.metric) if r else None for r in run_ids]
+        means = None
+        if all(s is not None for s in per_seed) and len({len(s) for s in per_seed}) == 1:
+            means = tuple(_mean_or_none(q) for q in zip(*per_seed))
+        trial = by_number[c.trial.number]
+        rows.append(ConfirmedRow(trial, c.values, c.seeds, runs, means))
+    return rows
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    scored = [v for v in values if v is not None]
+    return statistics.fmean(scored) if scored else None

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finqa_exp.report.data import FINISHED, StudyData, TrialRow, state_counts
+from finqa_exp import stats
+from finqa_exp.report.data import FINISHED, ConfirmedRow, StudyData, TrialRow, state_counts
 from finqa_exp.report.render import fmt_value
 from finqa_exp.tracking import RunRecord, names
 
@@ -268,3 +269,82 @@ def improvement_pct(base: float | None, tuned: float | None) -> float | None:
     if base is None or tuned is None or base == 0:
         return None
     return (tuned - base) / abs(base) * 100.0
+
+
+@dataclass(frozen=True)
+class Gap:
+    """How much better the best trial scored than another, paired by test question."""
+
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def clear(self) -> bool:
+        """The interval excludes 0: the best is better beyond the test questions' noise."""
+        return self.low > 0
+
+
+def gaps_to_best(data: StudyData) -> dict[int, Gap]:
+    """For each top trial with per-question scores (the best's too): the best's lead over
+    it on the objective, with its paired bootstrap interval (positive: the best is better,
+    whatever the direction)."""
+    best = data.question_scores.get(data.best.number)
+    if best is None:
+        return {}
+    gaps = {}
+    for number, scores in data.question_scores.items():
+        if number == data.best.number or len(scores) != len(best):
+            continue
+        lead, other = (best, scores) if data.maximize else (scores, best)
+        diffs = stats.paired(lead, other)
+        if diffs.size:
+            low, high = stats.bootstrap_interval(diffs)
+            gaps[number] = Gap(float(diffs.mean()), low, high)
+    return gaps
+
+
+def _lead(
+    best: Sequence[float | None], other: Sequence[float | None], maximize: bool
+) -> Gap | None:
+    lead, behind = (best, other) if maximize else (other, best)
+    diffs = stats.paired(lead, behind)
+    if not diffs.size:
+        return None
+    low, high = stats.bootstrap_interval(diffs)
+    return Gap(float(diffs.mean()), low, high)
+
+
+def confirmed_gaps(data: StudyData) -> dict[int, Gap]:
+    """The best confirmed configuration's lead over each other one: its per-question
+    objective averaged over seeds against theirs, paired by question."""
+    rows = data.confirmed
+    if not rows or rows[0].question_means is None:
+        return {}
+    best = rows[0].question_means
+    gaps = {}
+    for row in rows[1:]:
+        if row.question_means is not None and len(row.question_means) == len(best):
+            gap = _lead(best, row.question_means, data.maximize)
+            if gap is not None:
+                gaps[row.trial.number] = gap
+    return gaps
+
+
+def seed_noise(rows: Sequence[ConfirmedRow]) -> float | None:
+    """The objective's seed-to-seed standard deviation, pooled over the configurations
+    confirmed (the root of their mean variance); None without two seeds anywhere."""
+    variances = [statistics.variance(r.values) for r in rows if len(r.values) > 1]
+    return math.sqrt(statistics.fmean(variances)) if variances else None
+
+
+def expected_best(values: Sequence[float], n: int, maximize: bool) -> tuple[float, float]:
+    """Expected best objective of ``n`` trials drawn from the study's results, and its
+    standard deviation (Dodge et al. 2019, "Show Your Work"): the empirical distribution
+    of the complete trials' values, sampled with replacement."""
+    signed = sorted(v if maximize else -v for v in values)
+    total = len(signed)
+    probs = [((i + 1) / total) ** n - (i / total) ** n for i in range(total)]
+    mean = sum(v * p for v, p in zip(signed, probs))
+    var = max(0.0, sum(v * v * p for v, p in zip(signed, probs)) - mean * mean)
+    return (mean if maximize else -mean), math.sqrt(var)

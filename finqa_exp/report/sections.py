@@ -13,11 +13,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from finqa_exp.report.data import FINISHED, LABELS, STATES, StudyData, TrialRow, state_counts
+from finqa_exp.report.data import (
+    FINISHED,
+    LABELS,
+    STATES,
+    StudyData,
+    TrialRow,
+    plural,
+    state_counts,
+)
 from finqa_exp.report.numbers import (
     Savings,
     compute_spent,
     effects,
+    gaps_to_best,
     improvement_pct,
     pruning_savings,
     wall_time,
@@ -39,13 +48,10 @@ from finqa_exp.report.render import (
     fmt_pct,
     fmt_value,
 )
+from finqa_exp.report.verdict import confirmed_blocks, fmt_gap, verdict_blocks
 
 MAX_FAILURES = 10  # failed trials listed with their reasons
 ROUGE = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def reason_text(trial: TrialRow) -> str:
@@ -151,7 +157,11 @@ def winners_blocks(data: StudyData, top_k: int, level: int) -> list[Block]:
     extra = () if data.metric in shown else (f"{data.metric} (objective)",)
     labels = [f"{v} (objective)" if k == data.metric else v for k, v in shown.items()]
     interval = f"{shown.get(data.metric, data.metric)}, 95 % interval"
-    header = ("rank", "trial", *names, *extra, *labels, interval, "train time", "MLflow run")
+    gaps = gaps_to_best(data)
+    lead = "best's lead, 95 % interval"
+    header = (
+        "rank", "trial", *names, *extra, *labels, interval, lead, "train time", "MLflow run",
+    )  # fmt: skip
     rows = []
     for rank, t in enumerate(data.ranked[:top_k], start=1):
         rows.append(
@@ -162,6 +172,7 @@ def winners_blocks(data: StudyData, top_k: int, level: int) -> list[Block]:
                 *((fmt_num(t.value),) if extra else ()),
                 *(fmt_num(t.metric(key)) for key in shown),
                 fmt_interval(t.metric(f"{data.metric}_ci_low"), t.metric(f"{data.metric}_ci_high")),
+                fmt_gap(gaps.get(t.number)),
                 fmt_duration(t.metric("train_time_s")),
                 Code(t.run.run_id) if t.run else NONE,
             )
@@ -170,14 +181,19 @@ def winners_blocks(data: StudyData, top_k: int, level: int) -> list[Block]:
     blocks: list[Block] = [
         Heading(level, f"Winners (top {min(top_k, len(data.ranked))} of {len(data.ranked)})"),
         Table(tuple(header), tuple(rows), (True, True, *[True] * (len(header) - 3), False)),
+        *verdict_blocks(data, gaps, top_k),
         Para(("Best trial ", Strong(str(best.number)), "; to train it again:")),
         Para(Code(f"python -m finqa_exp {override_line(best.params)}")),
     ]
     if data.champion is not None:
         c = data.champion
-        whose = (
-            "this study's best trial" if best.run and c.run_id == best.run.run_id else "another run"
-        )
+        top = data.confirmed[0].trial if data.confirmed else None
+        if top is not None and top.run and c.run_id == top.run.run_id:
+            whose = f"trial {top.number}, the best mean over seeds"
+        elif best.run and c.run_id == best.run.run_id:
+            whose = "this study's best trial"
+        else:
+            whose = "another run"
         blocks.append(
             Para(
                 (
@@ -297,6 +313,7 @@ def study_blocks(data: StudyData, plots: Mapping[str, str], top_k: int, level: i
         blocks.append(note)
     blocks += summary_blocks(data, plots, level)
     blocks += winners_blocks(data, top_k, level)
+    blocks += confirmed_blocks(data, level)
     blocks += base_vs_best_blocks(data, level)
     blocks += params_blocks(data, plots, level)
     blocks += curves_blocks(data, plots, level)

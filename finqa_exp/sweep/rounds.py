@@ -15,6 +15,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
+from finqa_exp.sweep.confirm import notify
 from finqa_exp.sweep.job import Heartbeat
 from finqa_exp.sweep.search_space import SearchSpace
 from finqa_exp.sweep.search_space import trial_overrides as params_to_overrides
@@ -40,13 +41,6 @@ from finqa_exp.sweep.study_setup import SweepError, suggest
 log = logging.getLogger(__name__)
 
 _PEER_POLL_S = 1.0  # how often a worker with nothing left to ask checks its peers' trials
-
-
-def notify(callbacks: Sequence[Any], event: str, *args: Any) -> None:
-    for callback in callbacks:
-        method = getattr(callback, event, None)
-        if method is not None:
-            method(*args)
 
 
 class SweepRun:

@@ -36,11 +36,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution
 from optuna.storages import BaseStorage, InMemoryStorage
 
+from finqa_exp.sweep.confirm import ConfirmRun, ConfirmSettings, notify
 from finqa_exp.sweep.job import TrialJob
 
 # The objective's handle on its trial, documented as finqa_exp.sweep.sweeper.current_trial().
 from finqa_exp.sweep.job import current_trial as current_trial
-from finqa_exp.sweep.rounds import SweepRun, notify
+from finqa_exp.sweep.rounds import SweepRun
 from finqa_exp.sweep.search_space import SearchSpace, parse_search_space
 from finqa_exp.sweep.study_book import (
     study_results,
@@ -86,6 +87,7 @@ class StudySweep:
         grace_period: int | None = None,
         max_retry: int = 1,
         preflight: str | None = None,
+        confirm: Any = None,
     ) -> None:
         if not 0.0 <= max_failure_rate <= 1.0:
             raise SweepConfigError(
@@ -112,6 +114,10 @@ class StudySweep:
         self.grace_period = float(grace_period or 2 * heartbeat_interval)
         self.max_retry = max_retry
         self.preflight = preflight
+        try:
+            self.confirm = ConfirmSettings(**_plain(confirm or {}))
+        except (TypeError, ValueError) as err:
+            raise SweepConfigError(f"hydra.sweeper.confirm: {err}") from err
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
         self.config: DictConfig | None = None
@@ -148,9 +154,7 @@ class StudySweep:
             sampler, n_trials = build_sampler(conf, space, self.n_trials)
             study.sampler = sampler
         job = TrialJob(self.task_function, storage, study.study_name, sampler, pruner)
-        launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=self.hydra_context, task_function=job, config=self.config
-        )
+        launcher = self.make_launcher(job)
         if isinstance(storage, InMemoryStorage) and not _in_process(launcher):
             raise SweepConfigError(
                 f"hydra.sweeper.storage is null (in memory), but {type(launcher).__name__} runs "
@@ -176,12 +180,20 @@ class StudySweep:
         notify(callbacks, "on_sweep_start", study)
         try:
             run.execute()
+            # Only once the study has all its trials: the top k are final then.
+            ConfirmRun(self, study, space, self.confirm, callbacks).execute()
         finally:
             results = study_results(study)
             OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
             log.info("Results: %s", results)
             notify(callbacks, "on_sweep_end", study)
         return study
+
+    def make_launcher(self, job: TrialJob) -> Any:
+        """The configured Hydra launcher, running ``job`` for each set of overrides."""
+        return Plugins.instance().instantiate_launcher(
+            hydra_context=self.hydra_context, task_function=job, config=self.config
+        )
 
     def _preflight(self, space: SearchSpace) -> None:
         """Check the jobs' configs before any trial exists; exit 2 with one line if one is bad."""

@@ -149,12 +149,14 @@ class RunStore:
     ) -> Champion:
         """Point ``alias`` of ``model_name`` at the run's ``artifact_path``; idempotent.
 
-        Nothing is written when the alias already points at this run; a run registered
-        before (the champion moved away and back) gets its old version again, so versions
-        stay one per run.
+        Nothing is written when the alias already points at this run with these tags; a run
+        registered before (the champion moved away and back) gets its old version again, so
+        versions stay one per run, with its tags brought up to date (a confirmation since
+        may have changed its mean).
         """
         current = self.champion(model_name, alias)
         if current is not None and current.run_id == run_id:
+            self._update_tags(model_name, current.version, tags or {})
             return current
         if not self.has_artifact(run_id, artifact_path):
             raise TrackingError(f"run {run_id} has no '{artifact_path}' artifact to register")
@@ -173,12 +175,19 @@ class RunStore:
         )
         if earlier:
             version, created = str(earlier[0].version), False
+            self._update_tags(model_name, version, tags or {})
         else:
             source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
             mv = self.client.create_model_version(model_name, source, run_id=run_id, tags=tags)
             version, created = str(mv.version), True
         self.client.set_registered_model_alias(model_name, alias, version)
         return Champion(model_name, version, run_id, alias, created)
+
+    def _update_tags(self, model_name: str, version: str, tags: dict[str, str]) -> None:
+        have = self.client.get_model_version(model_name, version).tags
+        for key, value in tags.items():
+            if have.get(key) != value:
+                self.client.set_model_version_tag(model_name, version, key, value)
 
 
 def champion_name(template: str, study_name: str) -> str:
@@ -189,19 +198,30 @@ def champion_name(template: str, study_name: str) -> str:
 def register_study_champion(
     uri: str, study: Any, template: str = "{study}", alias: str = CHAMPION_ALIAS
 ) -> Champion | None:
-    """Register the adapter of the study's best complete trial; None if it has none."""
+    """Register the adapter of the study's best configuration: the best mean over seeds
+    among the confirmed trials (finqa_exp/sweep/confirm.py), else the best complete trial;
+    None if it has none. The version's tags say which, and its mean, spread and seeds."""
+    from finqa_exp.sweep.confirm import confirmed
+
     try:
         best = study.best_trial
     except (ValueError, RuntimeError):  # no complete trial, or a multi-objective study
         return None
+    tags = {names.STUDY_TAG: study.study_name}
+    confirmations = confirmed(study)
+    if confirmations:
+        top = confirmations[0]
+        best = top.trial
+        tags.update(
+            objective_mean=repr(top.mean),
+            objective_std=repr(top.std),
+            n_seeds=str(len(top.values)),
+            objective_values=" ".join(repr(v) for v in top.values),
+        )
     run_id = best.user_attrs.get(names.RUN_ID_ATTR)
     if run_id is None:
         return None
-    tags = {
-        names.STUDY_TAG: study.study_name,
-        names.TRIAL_NUMBER_TAG: str(best.number),
-        "objective": repr(float(best.value)),
-    }
+    tags.update({names.TRIAL_NUMBER_TAG: str(best.number), "objective": repr(float(best.value))})
     return RunStore(uri).register_champion(
         champion_name(template, study.study_name), run_id, alias=alias, tags=tags
     )

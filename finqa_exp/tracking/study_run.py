@@ -129,6 +129,13 @@ class StudyRun:
         if best is not None:
             counts["best_value"] = float(best.value)
             counts["best_trial"] = float(best.number)
+            from finqa_exp.sweep.confirm import confirmed
+
+            top = confirmed(study)
+            if top:  # the best mean over seeds (finqa_exp/sweep/confirm.py)
+                counts["confirmed_best_trial"] = float(top[0].trial.number)
+                counts["confirmed_best_mean"] = top[0].mean
+                counts["confirmed_best_std"] = top[0].std
             tags = {f"best.{k}": str(v) for k, v in best.params.items()}
             retry_concurrent(lambda: self.tracker.set_tags(tags))
             self._register(study)

@@ -43,11 +43,25 @@ def phase_metrics(seconds: dict[str, float], total: float) -> dict[str, float]:
     }
 
 
+def confirmation_of(trial: Any | None) -> tuple[int, int] | None:
+    """(the trial it confirms, its seed) for a confirmation trial, else None."""
+    if trial is None:
+        return None
+    from finqa_exp.sweep.confirm import CONFIRMS_ATTR, SEED_ATTR
+
+    attrs = trial.user_attrs
+    return (int(attrs[CONFIRMS_ATTR]), int(attrs[SEED_ATTR])) if CONFIRMS_ATTR in attrs else None
+
+
 def trial_run_name(conf: FinqaConfig, trial: Any | None) -> str:
-    """``tracking.run_name``, else ``trial-<n>`` in a sweep, else ``<model>-<data>``."""
+    """``tracking.run_name``, else ``trial-<n>`` in a sweep (``trial-<n>-seed-<s>`` for the
+    confirmation of trial n with seed s), else ``<model>-<data>``."""
     if conf.tracking.run_name:
         return conf.tracking.run_name
-    return f"trial-{trial.number}" if trial is not None else f"{conf.model.name}-{conf.data.name}"
+    if trial is None:
+        return f"{conf.model.name}-{conf.data.name}"
+    confirms = confirmation_of(trial)
+    return f"trial-{confirms[0]}-seed-{confirms[1]}" if confirms else f"trial-{trial.number}"
 
 
 def trial_run_tags(conf: FinqaConfig, device: str) -> dict[str, str]:
@@ -87,9 +101,19 @@ class TrialRun:
     def __enter__(self) -> TrialRun:
         parent = None
         if self.trial is not None:
-            self.tags[names.STUDY_TAG] = self.trial.study.study_name
+            from finqa_exp.sweep.confirm import CONFIRMED_STUDY_ATTR
+
+            study = self.trial.study
+            # A confirmation run belongs to the study it confirms, under its parent run.
+            self.tags[names.STUDY_TAG] = study.user_attrs.get(
+                CONFIRMED_STUDY_ATTR, study.study_name
+            )
             self.tags[names.TRIAL_NUMBER_TAG] = str(self.trial.number)
-            parent = self.trial.study.user_attrs.get(names.PARENT_RUN_ATTR)
+            confirms = confirmation_of(self.trial)
+            if confirms is not None:
+                self.tags[names.TRIAL_NUMBER_TAG] = str(confirms[0])
+                self.tags[names.CONFIRMS_TAG], self.tags[names.SEED_TAG] = map(str, confirms)
+            parent = study.user_attrs.get(names.PARENT_RUN_ATTR)
         self.run_id = self.tracker.start_run(self.run_name, self.tags, parent_run_id=parent)
         if self.trial is not None and self.run_id:
             self.trial.set_user_attr(names.RUN_ID_ATTR, self.run_id)

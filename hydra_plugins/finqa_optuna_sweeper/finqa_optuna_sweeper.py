@@ -130,6 +130,16 @@ class HyperbandPrunerConf:
 
 
 @dataclass
+class ConfirmConf:
+    """After the study's n_trials, train the top_k trials again once per seed (seed_key=seed),
+    in the study <study_name>.confirm; top_k 0 is off. See finqa_exp/sweep/confirm.py."""
+
+    top_k: int = 0
+    seeds: list[int] = field(default_factory=list)
+    seed_key: str | None = None
+
+
+@dataclass
 class FinqaOptunaSweeperConf:
     """hydra.sweeper for `hydra/sweeper=finqa_optuna`; semantics in finqa_exp/sweep/sweeper.py."""
 
@@ -168,6 +178,8 @@ class FinqaOptunaSweeperConf:
     # fixed overrides, and once per extreme of each searched value) before the study opens:
     # bad input fails in seconds with no trial created.
     preflight: str | None = None
+    # Re-run the best trials with more seeds once the study is done (off by default).
+    confirm: ConfirmConf = field(default_factory=ConfirmConf)
 
 
 def register_configs() -> None:

@@ -11,6 +11,7 @@ import datetime as dt
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from finqa_exp import tracking
+from finqa_exp import stats, tracking
 from finqa_exp.config import PathsConfig, TrackingConfig, flatten
 from finqa_exp.report import build as report
 from finqa_exp.report.data import LABELS, STATES, TrialRow
@@ -32,6 +33,7 @@ from finqa_exp.report.numbers import (
     planned_examples,
     steps_per_epoch,
 )
+from finqa_exp.sweep.confirm import confirmed
 from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -608,6 +610,9 @@ SWEEP = [
     " {train.learning_rate: 1e-5, lora.r: 4}]",
     "hydra/sweeper/pruner=median",
     "hydra.sweeper.pruner.n_startup_trials=1",
+    # The complete trials train again with seed 1 (confirmation).
+    "hydra.sweeper.confirm.top_k=2",
+    "hydra.sweeper.confirm.seeds=[1]",
 ]
 
 
@@ -629,8 +634,13 @@ def test_real_sweep_report_champion_and_ask(tmp_path, cache_dir):
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/studies/{name}.db")
     best = study.best_trial
     store = tracking.RunStore(f"sqlite:///{tmp_path}/mlflow.db")
-    champ = store.champion(name)  # registered by the sweep's end
-    assert champ is not None and champ.run_id == best.user_attrs["mlflow_run_id"]
+    champ = store.champion(name)  # registered by the sweep's end: the best mean over seeds
+    top = confirmed(study)
+    assert len(top) == sum(t.state.name == "COMPLETE" for t in study.trials)
+    assert champ is not None and champ.run_id == top[0].trial.user_attrs["mlflow_run_id"]
+    version = store.client.get_model_version(name, champ.version)
+    assert float(version.tags["objective_mean"]) == pytest.approx(top[0].mean)
+    assert version.tags["n_seeds"] == "2"
 
     proc = command(tmp_path, "finqa_exp.report", f"study={name}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -645,9 +655,10 @@ def test_real_sweep_report_champion_and_ask(tmp_path, cache_dir):
         if t.state.name == "PRUNED":  # timed too, like a complete trial
             assert t.user_attrs["timings"]["time_train_s"] > 0
             assert list(t.intermediate_values) == [80]
-    run = store.run(champ.run_id)
     winner = records(md, "rank")[0]
-    assert winner["trial"] == str(best.number) and winner["MLflow run"] == f"`{champ.run_id}`"
+    best_run = best.user_attrs["mlflow_run_id"]
+    assert winner["trial"] == str(best.number) and winner["MLflow run"] == f"`{best_run}`"
+    run = store.run(best_run)
     assert winner["ROUGE-L (objective)"] == f"{best.value:.4f}" == f"{run.metrics['rougeL']:.4f}"
     base, tuned = run.metrics["base_rougeL"], run.metrics["rougeL"]
     low, high = run.metrics["delta_rougeL_ci_low"], run.metrics["delta_rougeL_ci_high"]
@@ -662,6 +673,7 @@ def test_real_sweep_report_champion_and_ask(tmp_path, cache_dir):
     interval = f"{run.metrics['rougeL_ci_low']:.4f} to {run.metrics['rougeL_ci_high']:.4f}"
     assert winner["ROUGE-L, 95 % interval"] == interval
     assert "champion" in md and len(store.client.search_model_versions(f"name = '{name}'")) == 1
+    check_confirmed_table(md, top, store, tmp_path)
     assert command(tmp_path, "finqa_exp.report", f"study={name}").returncode == 0
     assert (tmp_path / "reports" / name / "report.md").read_text() == md
 
@@ -673,3 +685,30 @@ def test_real_sweep_report_champion_and_ask(tmp_path, cache_dir):
     assert proc.stdout == "".join(
         f"Q: {s['question']}\nA: {s['tuned_answer']}\n\n" for s in samples
     )
+
+
+def check_confirmed_table(md: str, top: list, store: tracking.RunStore, tmp: Path) -> None:
+    """The confirmed leaderboard, recomputed from the logged per-question scores."""
+    section = md.split("## Is the winner real? The top")[1]
+    rows = records(section, "rank")
+    assert [r["trial"] for r in rows] == [str(c.trial.number) for c in top]
+
+    def question_means(c) -> list[float]:
+        runs = [c.trial, *c.confirmations]
+        per_seed = [
+            [r["tuned_rougeL"] for r in store.table(t.user_attrs["mlflow_run_id"], "scores.json")]
+            for t in runs
+        ]
+        return [sum(q) / len(q) for q in zip(*per_seed)]
+
+    for row, c in zip(rows, top):
+        assert row["seeds"] == "own, 1"
+        assert row["rougeL: mean"] == f"{statistics.fmean(c.values):.4f}"
+        assert row["spread (sd)"] == f"{statistics.stdev(c.values):.4f}"
+        assert row["single run"] == f"{c.trial.value:.4f}"
+    if len(top) > 1:
+        best, other = question_means(top[0]), question_means(top[1])
+        diffs = [a - b for a, b in zip(best, other)]
+        low, high = stats.paired_bootstrap(best, other)
+        lead = f"{statistics.fmean(diffs):.4f} ({low:.4f} to {high:.4f})"
+        assert rows[1]["best's lead, 95 % interval"] == lead

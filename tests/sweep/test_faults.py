@@ -126,6 +126,7 @@ def run_sweep(root: Path, cache_dir: Path, *args: str, n_trials: int = N_TRIALS)
         # No pruning: every trial after the fault trains to the end and has an objective.
         "hydra/sweeper/pruner=none",
         f"hydra.sweeper.n_trials={n_trials}",
+        "hydra.sweeper.confirm.top_k=0",  # faults of trials; confirmation: test_sweeper
         f"hydra.sweeper.max_failure_rate={MAX_FAILURE_RATE}",
         *SEARCH,
         *args,

@@ -31,6 +31,7 @@ SMALL = [
     "eval.max_new_tokens=16",
     "eval.max_questions=8",
     "hydra.sweeper.n_trials=4",
+    "hydra.sweeper.confirm.top_k=0",  # confirmation: tests/report (the real sweep there)
     "hydra.sweeper.params={train.learning_rate: 'tag(log, interval(1e-4, 3e-3))',"
     " lora.r: 'choice(4, 16)'}",
     # Trial 0 learns fast; trial 1 barely moves, so its first eval loss is worse than the
@@ -114,6 +115,7 @@ def test_kill_9_mid_sweep_then_the_same_command_finishes_the_study(tmp_path):
         "eval.max_new_tokens=16",
         "eval.max_questions=8",
         "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.confirm.top_k=0",
         "hydra/sweeper/pruner=none",
         "hydra.sweeper.heartbeat_interval=1",
         "hydra.sweeper.grace_period=5",

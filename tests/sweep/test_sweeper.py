@@ -803,3 +803,96 @@ def test_drop_frames_clears_every_chained_traceback():
     gc.collect()
     assert len(refs) == 2 and [r() for r in refs] == [None, None]
     assert isinstance(kept.__context__, KeyError)  # the chain itself is kept
+
+
+# ---------------------------------------------------------------- confirmation
+
+CONFIRM = [
+    "hydra.sweeper.confirm.top_k=2",
+    "hydra.sweeper.confirm.seeds=[1,2]",
+    "hydra.sweeper.confirm.seed_key=seed",
+    "seed_noise=0.5",
+]
+
+
+def confirmations(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    return load(tmp_path, "toy.confirm").trials
+
+
+def test_the_top_trials_are_confirmed_with_more_seeds_outside_n_trials(tmp_path):
+    from finqa_exp.sweep.confirm import confirmed, top_trials
+
+    sweep(tmp_path, "hydra.sweeper.n_trials=4", *CONFIRM)
+    study = load(tmp_path)
+    assert len(study.trials) == 4  # confirmations do not count toward n_trials
+    top = top_trials(study, 2)
+    runs = confirmations(tmp_path)
+    assert sorted((t.user_attrs["confirms"], t.user_attrs["seed"]) for t in runs) == sorted(
+        (t.number, s) for t in top for s in (1, 2)
+    )
+    assert all(t.state == TrialState.COMPLETE for t in runs)
+    for run in runs:  # the confirmed trial's params, with its seed, in a folder of its own
+        original = study.trials[run.user_attrs["confirms"]]
+        assert run.params == {**original.params, "seed": run.user_attrs["seed"]}
+        record = json.loads(
+            (tmp_path / "sweep" / f"confirm-{run.number}" / "trial.json").read_text()
+        )
+        assert record["seed"] == run.user_attrs["seed"] and record["x"] == original.params["x"]
+        assert record["number"] == run.number
+    assert load(tmp_path, "toy.confirm").user_attrs["confirms_study"] == "toy"
+    ranked = confirmed(study)
+    assert [len(c.values) for c in ranked] == [3, 3]
+    means = [c.mean for c in ranked]
+    assert means == sorted(means)  # minimize: best mean first
+    first = ranked[0]
+    assert first.values[0] == first.trial.value  # the trial's own run, then seeds 1 and 2
+    assert list(first.values[1:]) == [t.value for t in first.confirmations]
+
+    sweep(tmp_path, "hydra.sweeper.n_trials=4", *CONFIRM)  # nothing missing: nothing runs
+    assert len(confirmations(tmp_path)) == 4
+    sweep(
+        tmp_path,
+        "hydra.sweeper.n_trials=4",
+        *CONFIRM[:1],
+        "hydra.sweeper.confirm.seeds=[1,2,3]",
+        *CONFIRM[2:],
+    )
+    assert len(confirmations(tmp_path)) == 6  # only seed 3 of the top 2 was missing
+
+
+def test_a_killed_confirmation_is_run_again_and_nothing_else(tmp_path):
+    live = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2", "hang_s=60"]
+    proc = start_sweep(tmp_path, "hydra.sweeper.n_trials=3", *CONFIRM, *live, "hang_seed=2")
+    wait_until(lambda: (tmp_path / "sweep" / "hung-seed-2").exists(), timeout=120)
+    wait_until(
+        lambda: any(
+            t.state == TrialState.RUNNING and t.user_attrs.get("seed") == 2
+            for t in confirmations(tmp_path)
+        )
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = confirmations(tmp_path)
+    done = {t.number for t in before if t.state == TrialState.COMPLETE}
+    killed = [t for t in before if t.state == TrialState.RUNNING]
+    assert len(killed) == 1 and done  # seed 1 of the best trial finished before the kill
+
+    wait_until(lambda: time.time() - book.last_beat(killed[0]) > 2.5)  # stale by then
+    sweep(tmp_path, "hydra.sweeper.n_trials=3", *CONFIRM, *live, "hang_seed=2")
+    after = confirmations(tmp_path)
+    assert after[killed[0].number].state == TrialState.FAIL
+    assert after[killed[0].number].user_attrs["fail_reason"].startswith("stale")
+    complete = [t for t in after if t.state == TrialState.COMPLETE]
+    pairs = sorted((t.user_attrs["confirms"], t.user_attrs["seed"]) for t in complete)
+    assert len(pairs) == len(set(pairs)) == 4  # every pair once: none ran twice
+    assert done <= {t.number for t in complete}  # the finished ones were kept, not re-run
+    assert len(load(tmp_path).trials) == 3
+
+
+def test_confirmation_settings_are_checked(tmp_path):
+    proc = sweep(tmp_path, "hydra.sweeper.confirm.top_k=2", ok=False)
+    assert proc.returncode != 0
+    assert (
+        "hydra.sweeper.confirm: confirm.top_k > 0 needs confirm.seeds and confirm.seed_key"
+        in proc.stderr
+    )

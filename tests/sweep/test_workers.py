@@ -148,6 +148,7 @@ def test_workers_share_one_study_and_one_tracking_server(
         args = [
             *SWEEP,
             f"hydra.sweeper.n_trials={n_trials}",
+            "hydra.sweeper.confirm.top_k=0",
             f"hydra.sweeper.storage='{storage_url}'",
             f"hydra.sweep.dir={sweep_dir}",
             f"paths.root_dir={tmp_path}",

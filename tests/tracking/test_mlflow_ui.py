@@ -45,6 +45,7 @@ def sweep_into(server_url: str, root: Path, cache_dir: Path) -> None:
         "hydra.sweeper.params={train.learning_rate: 'tag(log, interval(1e-4, 3e-3))',"
         " lora.r: 'choice(4, 16)'}",
         "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.confirm.top_k=0",
         # Both trials complete, so both show a ROUGE-L (the default pruner could stop one).
         "hydra/sweeper/pruner=none",
         f"hydra.sweep.dir={root / 'multirun'}",

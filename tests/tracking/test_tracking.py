@@ -17,9 +17,11 @@ def test_a_trial_run_is_named_for_its_trial_and_tagged_with_its_config(tmp_path)
 
     conf = validate(compose_cfg([], tmp_path))
     assert trial_run_name(conf, None) == f"{conf.model.name}-{conf.data.name}"
-    assert trial_run_name(conf, SimpleNamespace(number=7)) == "trial-7"
+    assert trial_run_name(conf, SimpleNamespace(number=7, user_attrs={})) == "trial-7"
+    confirmation = SimpleNamespace(number=2, user_attrs={"confirms": 7, "seed": 1})
+    assert trial_run_name(conf, confirmation) == "trial-7-seed-1"
     conf.tracking.run_name = "mine"
-    assert trial_run_name(conf, SimpleNamespace(number=7)) == "mine"
+    assert trial_run_name(conf, SimpleNamespace(number=7, user_attrs={})) == "mine"
     tags = trial_run_tags(conf, "cpu:2 cores")
     assert tags[names.MODEL_TAG] == conf.model.name and tags[names.DATA_TAG] == conf.data.name
     assert tags[names.EXPERIMENT_TAG] == "default"
@@ -61,3 +63,50 @@ def test_no_password_reaches_the_tracking_store(tmp_path):
     assert (
         run.data.params["hydra.sweeper.storage"] == "postgresql+psycopg://finqa:***@10.0.0.5/optuna"
     )
+
+
+def test_the_champion_is_the_best_mean_over_seeds_not_the_luckiest_run(tmp_path):
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from finqa_exp.config import TrackingConfig
+    from finqa_exp.tracking import MlflowTracker, RunStore, register_study_champion
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    tracker = MlflowTracker(TrackingConfig(uri=uri, artifact_location=str(tmp_path / "art")))
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    confirm = optuna.create_study(study_name="s.confirm", storage=storage, direction="maximize")
+    dist = {"lr": FloatDistribution(1e-5, 1e-3)}
+    # Trial 0 is the luckiest single run; over three seeds trial 1 is better.
+    for number, (value, seeds) in enumerate([(0.50, (0.30, 0.31)), (0.45, (0.44, 0.46))]):
+        run_id = tracker.start_run(f"trial-{number}", {})
+        tracker.log_artifacts(adapter, "adapter")
+        tracker.end_run("FINISHED")
+        attrs = {names.RUN_ID_ATTR: run_id}
+        study.add_trial(
+            create_trial(
+                value=value,
+                params={"lr": 1e-4 * (number + 1)},
+                distributions=dist,
+                user_attrs=attrs,
+            )
+        )
+        for seed, seed_value in zip((1, 2), seeds):
+            confirm.add_trial(
+                create_trial(
+                    state=TrialState.COMPLETE, value=seed_value,
+                    params={"lr": 1e-4 * (number + 1)}, distributions=dist,
+                    user_attrs={"confirms": number, "seed": seed},
+                )
+            )  # fmt: skip
+    champ = register_study_champion(uri, study)
+    assert champ.run_id == study.trials[1].user_attrs[names.RUN_ID_ATTR]
+    tags = RunStore(uri).client.get_model_version("s", champ.version).tags
+    assert float(tags["objective_mean"]) == pytest.approx(0.45)
+    assert tags["n_seeds"] == "3" and tags[names.TRIAL_NUMBER_TAG] == "1"
+    assert float(tags["objective_std"]) == pytest.approx(0.01)

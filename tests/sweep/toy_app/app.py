@@ -29,7 +29,11 @@ def objective(cfg: DictConfig) -> float | tuple[float, float]:
     trial = current_trial()
     number = trial.number if trial is not None else -1
     loss = (cfg.x - 2) ** 2 + (cfg.y + 1) ** 2 + OFFSET[cfg.kind]
-    record = {"number": number, "x": cfg.x, "y": cfg.y, "kind": cfg.kind, "pid": os.getpid()}
+    loss += cfg.seed_noise * ((cfg.seed * 7919 + 13) % 101) / 101
+    record = {
+        "number": number, "x": cfg.x, "y": cfg.y, "kind": cfg.kind, "seed": cfg.seed,
+        "pid": os.getpid(),
+    }  # fmt: skip
     Path(HydraConfig.get().runtime.output_dir, "trial.json").write_text(json.dumps(record))
     if trial is not None:
         trial.set_user_attr("job_pid", os.getpid())
@@ -38,6 +42,10 @@ def objective(cfg: DictConfig) -> float | tuple[float, float]:
     time.sleep(cfg.sleep_s)
     if number in cfg.hang_on:
         time.sleep(cfg.hang_s)  # long enough for a test to kill or interrupt the sweep
+    marker = Path(HydraConfig.get().sweep.dir, f"hung-seed-{cfg.seed}")
+    if cfg.hang_seed is not None and cfg.seed == cfg.hang_seed and not marker.exists():
+        marker.touch()
+        time.sleep(cfg.hang_s)
     # Optuna prunes single-objective studies only; reporting is refused with two objectives.
     for step in range(cfg.steps if cfg.objectives == 1 else 0):
         # Falls towards the loss, so a worse trial is worse at every step.
