@@ -32,11 +32,18 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 
 from finqa_exp.config import ConfigError, PathsConfig, TrackingConfig
-from finqa_exp.report.data import ReportError, StudyData, load_study_data, open_study, study_names
+from finqa_exp.report.data import (
+    ReportError,
+    StudyData,
+    TrialRow,
+    load_study_data,
+    open_study,
+    study_names,
+)
 from finqa_exp.report.numbers import best_so_far, loss_curves
 from finqa_exp.report.render import to_html, to_markdown
 from finqa_exp.report.sections import document, report_title
-from finqa_exp.tracking import RunStore, champion_name, names
+from finqa_exp.tracking import RunStore, champion_name, champion_tags
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +122,19 @@ def write_plots(studies: Sequence[StudyData], folder: Path) -> dict[str, dict[st
     return plots
 
 
+def winner(d: StudyData) -> tuple[TrialRow, float, tuple[float, ...], str] | None:
+    """(trial, score, values over seeds, study) of the study's winner: the best mean over
+    seeds among its confirmed trials, else its best trial; None if it has no run."""
+    if d.confirmed:
+        top = d.confirmed[0]
+        return (top.trial, top.mean, top.values, d.name) if top.trial.run else None
+    best = d.best
+    return (best, best.value, (), d.name) if best.run and best.value is not None else None
+
+
 def keep_champions(rc: ReportConfig, studies: Sequence[StudyData], store: RunStore) -> None:
-    """Register each registered model's best trial (studies sharing a name: the best of
-    them) unless a study is still running; then attach the current champions."""
+    """Register each registered model's winner (studies sharing a name: the best of theirs)
+    unless a study is still running; then attach the current champions."""
     groups: dict[str, list[StudyData]] = {}
     for d in studies:
         groups.setdefault(champion_name(rc.registered_model, d.name), []).append(d)
@@ -128,16 +145,17 @@ def keep_champions(rc: ReportConfig, studies: Sequence[StudyData], store: RunSto
                 f"registered_model={rc.registered_model} is one model for studies with "
                 "different objectives; put {study} in it or set register=false"
             )
-        bests = sorted((d.best for d in group), key=lambda t: t.value, reverse=group[0].maximize)
-        best = bests[0]
+        # Each study's winner: its best mean over seeds if confirmed, else its best trial.
+        winners = sorted(
+            (w for d in group if (w := winner(d)) is not None),
+            key=lambda w: w[1],
+            reverse=group[0].maximize,
+        )
         # A champion is a decision: while trials still run it would move under the user.
-        if rc.register and best.run is not None and not any(d.unfinished for d in group):
-            owner = next(d for d in group if d.best is best)
-            tags = {
-                "study": owner.name,
-                names.TRIAL_NUMBER_TAG: str(best.number),
-                "objective": repr(best.value),
-            }
+        if rc.register and winners and not any(d.unfinished for d in group):
+            best, _, values, owner = winners[0]
+            assert best.run is not None and best.value is not None
+            tags = champion_tags(owner, best.number, best.value, values)
             store.register_champion(model, best.run.run_id, alias=rc.alias, tags=tags)
         for d in group:
             d.champion = store.champion(model, rc.alias)

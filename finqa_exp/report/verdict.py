@@ -114,12 +114,16 @@ def _noise_and_verdict(data: StudyData, gaps: Mapping[int, Gap]) -> list[str]:
     steps = [abs(a - b) for a, b in itertools.pairwise(ranked)]
     if noise is not None and steps:
         listed = ", ".join(f"{s:.4f}" for s in steps)
-        wider = "wider than" if noise > max(steps) else "within"
+        smaller = sum(s < noise for s in steps)
+        verdict = (
+            "all smaller than one seed's noise: their single-run order is noise"
+            if smaller == len(steps)
+            else f"{smaller} of {len(steps)} smaller than one seed's noise"
+        )
         out.append(
             f"Seed-to-seed noise of {data.metric}: sd {noise:.4f} (pooled over "
             f"{plural(len(rows), 'configuration')}); the single-run leaderboard's gaps between "
-            f"neighbours are {listed}, all {wider} one seed's noise"
-            + (" at the top." if wider == "within" else ".")
+            f"neighbours at the top are {listed}, {verdict}."
         )
     best, single = rows[0], data.best
     if best.trial.number != single.number:

@@ -32,6 +32,7 @@ from finqa_exp.tracking.store import (
     RunRecord,
     RunStore,
     champion_name,
+    champion_tags,
     register_study_champion,
 )
 from finqa_exp.tracking.study_run import StudyRun
@@ -50,6 +51,7 @@ __all__ = [
     "Tracker",
     "TrackingError",
     "champion_name",
+    "champion_tags",
     "check_reachable",
     "environment_tags",
     "make_tracker",

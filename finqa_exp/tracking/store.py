@@ -8,6 +8,8 @@ best adapter with :func:`register_study_champion`.
 from __future__ import annotations
 
 import os
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,26 @@ def champion_name(template: str, study_name: str) -> str:
     return template.replace("{study}", study_name)
 
 
+def champion_tags(
+    study: str, trial_number: int, value: float, values: Sequence[float] = ()
+) -> dict[str, str]:
+    """What a champion's model version records: its study, trial and objective, and for a
+    configuration confirmed over seeds its mean, spread and values (the trial's own first)."""
+    tags = {
+        names.STUDY_TAG: study,
+        names.TRIAL_NUMBER_TAG: str(trial_number),
+        "objective": repr(float(value)),
+    }
+    if len(values) > 1:
+        tags.update(
+            objective_mean=repr(statistics.fmean(values)),
+            objective_std=repr(statistics.stdev(values)),
+            n_seeds=str(len(values)),
+            objective_values=" ".join(repr(float(v)) for v in values),
+        )
+    return tags
+
+
 def register_study_champion(
     uri: str, study: Any, template: str = "{study}", alias: str = CHAMPION_ALIAS
 ) -> Champion | None:
@@ -207,21 +229,14 @@ def register_study_champion(
         best = study.best_trial
     except (ValueError, RuntimeError):  # no complete trial, or a multi-objective study
         return None
-    tags = {names.STUDY_TAG: study.study_name}
+    values: tuple[float, ...] = ()
     confirmations = confirmed(study)
     if confirmations:
-        top = confirmations[0]
-        best = top.trial
-        tags.update(
-            objective_mean=repr(top.mean),
-            objective_std=repr(top.std),
-            n_seeds=str(len(top.values)),
-            objective_values=" ".join(repr(v) for v in top.values),
-        )
+        best, values = confirmations[0].trial, confirmations[0].values
     run_id = best.user_attrs.get(names.RUN_ID_ATTR)
     if run_id is None:
         return None
-    tags.update({names.TRIAL_NUMBER_TAG: str(best.number), "objective": repr(float(best.value))})
+    tags = champion_tags(study.study_name, best.number, float(best.value), values)
     return RunStore(uri).register_champion(
         champion_name(template, study.study_name), run_id, alias=alias, tags=tags
     )

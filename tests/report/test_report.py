@@ -347,9 +347,9 @@ def test_report_numbers_match_the_stores(stores):
         ("0", f"`{ids[0]}`"),
         ("4", f"`{ids[4]}`"),
     ]
-    # rank, trial, lora.r, batch, lr, ROUGE-1/2/L, eval loss, objective's interval (these
-    # fake runs logged none), train time, run
-    assert winners[0][:11] == [
+    # rank, trial, lora.r, batch, lr, ROUGE-1/2/L, eval loss, objective's interval and the
+    # best's lead (these fake runs logged no intervals or per-question scores), train time
+    assert winners[0][:12] == [
         "1",
         "1",
         "8",
@@ -359,6 +359,7 @@ def test_report_numbers_match_the_stores(stores):
         "0.2200",
         "0.4000",
         "1.7000",
+        "-",
         "-",
         "84.0 s",
     ]
@@ -674,6 +675,7 @@ def test_real_sweep_report_champion_and_ask(tmp_path, cache_dir):
     assert winner["ROUGE-L, 95 % interval"] == interval
     assert "champion" in md and len(store.client.search_model_versions(f"name = '{name}'")) == 1
     check_confirmed_table(md, top, store, tmp_path)
+    assert store.champion(name).run_id == champ.run_id  # the report keeps the same winner
     assert command(tmp_path, "finqa_exp.report", f"study={name}").returncode == 0
     assert (tmp_path / "reports" / name / "report.md").read_text() == md
 
