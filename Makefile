@@ -2,7 +2,7 @@
 # pyproject.toml changes):
 #   make demo     # one trial on the offline default (tiny Llama, bundled data, 4-bit NF4)
 #   make test     # ruff, then every test tier; CI (bash .ci/run) runs exactly this
-#   make sweep    # the default Optuna study, 8 trials
+#   make sweep    # the default Optuna study: 8 trials, then the best 3 with 2 more seeds
 # Without a GPU, pip takes torch's CPU build (.ci/constraints-cpu.txt). With one, the venv
 # sees the system's packages, so a CUDA torch already installed is kept (else pip's default
 # CUDA build is installed).
