@@ -216,15 +216,12 @@ def preflight(cfg: DictConfig) -> None:
     if key not in _CHECKED_DATA:
         data_lib.load_splits(conf.data)
         _CHECKED_DATA.add(key)
-    if tuple(conf.eval.metrics) not in _CHECKED_METRICS:
-        from finqa_exp import metrics
+    from finqa_exp import metrics
 
-        metrics.load(conf.eval.metrics)  # MetricError: a metric that cannot be loaded
-        _CHECKED_METRICS.add(tuple(conf.eval.metrics))
+    metrics.check(conf.eval.metrics)  # MetricError: a local metric that is not there
     if conf.tracking.backend == "mlflow":
         # A stopped tracking server fails the sweep here, before the study has a trial.
         tracking.check_reachable(conf.tracking.uri)
 
 
 _CHECKED_DATA: set[str] = set()
-_CHECKED_METRICS: set[tuple[str, ...]] = set()

@@ -118,3 +118,15 @@ def test_the_trial_refuses_a_missing_metric_before_any_model_loads(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: eval.metrics: no metric file or folder at ./nope"
     assert not (tmp_path / ".cache").exists()  # no model built
+
+
+def test_a_sweep_refuses_a_missing_metric_before_its_first_trial(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "finqa_exp", "-m", "eval.metrics=[./nope]",
+         f"hydra.sweep.dir={tmp_path}/multirun"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "FINQA_EXP_ROOT": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith("error: eval.metrics: no metric file or folder at ./nope")
+    assert not (tmp_path / "studies").exists()  # no study, so zero trials

@@ -39,6 +39,15 @@ def source(name: str) -> str:
     return name  # a hub name
 
 
+def check(names: list[str]) -> None:
+    """Find every metric without importing ``evaluate`` (MetricError for a missing local
+    one): a sweep's check before its trials, which must stay fast. ``import evaluate``
+    imports transformers' pipelines, about 10 s in a process without torch; each trial
+    loads its metrics (:func:`load`) before its model anyway."""
+    for name in names:
+        source(name)
+
+
 def load(names: list[str]) -> dict[str, Any]:
     """The ``evaluate`` modules named in ``eval.metrics``, by name, loaded in memory."""
     import evaluate
