@@ -221,6 +221,9 @@ class PruningCallback(TrainerCallback):
         self.train_examples = train_examples
         self.schedule = schedule
         trial.set_user_attr(names.STEP_UNIT_ATTR, STEP_UNIT)
+        trial.set_user_attr(
+            names.INTERMEDIATE_VALUE_ATTR, "-eval_loss" if maximize else "eval_loss"
+        )
 
     def step(self, epoch: float, batch_size: int) -> int:
         seen = examples_seen(epoch, batch_size, self.train_examples)

@@ -1,4 +1,5 @@
-"""Real servers for the tests that need them: an MLflow tracking server, a PostgreSQL schema.
+"""Real servers for the tests that need them: an MLflow tracking server, a PostgreSQL schema,
+optuna-dashboard.
 
     from tests.servers import tracking_server
     with tracking_server(tmp_path) as server:       # PostgreSQL-backed if one is configured
@@ -87,23 +88,48 @@ def mlflow_server(
 
 
 def _wait_healthy(server: MlflowServer, proc: subprocess.Popen, timeout: float) -> None:
+    _wait_answering(f"{server.url}/health", proc, server.log_path, timeout, "mlflow server")
+
+
+def _wait_answering(
+    url: str, proc: subprocess.Popen, log_path: Path, timeout: float, what: str
+) -> None:
+    """Until ``url`` answers 200 (a server has no ready event to wait on: poll it)."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"mlflow server exited with {proc.returncode}:\n{_tail(server.log_path)}"
-            )
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log_path)}")
         try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"mlflow server did not answer in {timeout:.0f} s:\n{_tail(server.log_path)}"
-            )
+            raise RuntimeError(f"{what} did not answer in {timeout:.0f} s:\n{_tail(log_path)}")
         time.sleep(0.5)
+
+
+@contextmanager
+def optuna_dashboard(storage_url: str, folder: Path, start_timeout: float = 60.0) -> Iterator[str]:
+    """``optuna-dashboard`` over ``storage_url`` on 127.0.0.1; yields its base URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = folder / "optuna-dashboard.log"
+    cmd = [
+        str(Path(sys.executable).with_name("optuna-dashboard")), storage_url,
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_answering(f"{url}/api/meta", proc, log_path, start_timeout, "optuna-dashboard")
+        yield url
+    finally:
+        _stop(proc)
 
 
 def _stop(proc: subprocess.Popen) -> None:

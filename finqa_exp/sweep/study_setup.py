@@ -101,6 +101,20 @@ def study_directions(direction: Any) -> list[str]:
     return names
 
 
+def study_metric_names(names: Any, n_objectives: int) -> list[str] | None:
+    """``metric_names`` as a list with one name per objective (None stays None)."""
+    if names is None:
+        return None
+    many = OmegaConf.is_list(names) or isinstance(names, (list, tuple))
+    found = [str(n) for n in (names if many else [names])]
+    if len(found) != n_objectives:
+        raise SweepConfigError(
+            f"hydra.sweeper.metric_names names {len(found)} values for {n_objectives} "
+            f"direction(s): {found}"
+        )
+    return found
+
+
 def build_sampler(
     sampler_conf: Any, space: SearchSpace, n_trials: int
 ) -> tuple[optuna.samplers.BaseSampler, int]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -52,6 +53,7 @@ from finqa_exp.sweep.study_setup import (
     continued_sampler_conf,
     open_storage,
     study_directions,
+    study_metric_names,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class StudySweep:
         sampler: Any,
         pruner: Any,
         direction: Any = "minimize",
+        metric_names: Any = None,
         storage: Any = None,
         study_name: str | None = None,
         n_trials: int = 20,
@@ -101,6 +104,7 @@ class StudySweep:
         self.sampler_conf = sampler
         self.pruner_conf = pruner
         self.directions = study_directions(direction)
+        self.metric_names = study_metric_names(metric_names, len(self.directions))
         self.storage_spec = storage
         self.study_name = study_name
         self.n_trials = n_trials
@@ -118,6 +122,8 @@ class StudySweep:
             self.confirm = ConfirmSettings(**_plain(confirm or {}))
         except (TypeError, ValueError) as err:
             raise SweepConfigError(f"hydra.sweeper.confirm: {err}") from err
+        if self.confirm.only and not self.confirm.enabled:
+            raise SweepConfigError("hydra.sweeper.confirm.only=true needs confirm.top_k > 0")
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
         self.config: DictConfig | None = None
@@ -179,7 +185,10 @@ class StudySweep:
         run = SweepRun(self, study, launcher, space, n_trials, persistent, callbacks)
         notify(callbacks, "on_sweep_start", study)
         try:
-            run.execute()
+            if self.confirm.only:
+                log.info("confirm.only: no new trial; confirming the study's top trials")
+            else:
+                run.execute()
             # Only once the study has all its trials: the top k are final then.
             ConfirmRun(self, study, space, self.confirm, callbacks).execute()
         finally:
@@ -242,6 +251,16 @@ class StudySweep:
                 f"study {study.study_name} is {found}, but hydra.sweeper.direction asks for "
                 f"{self.directions}: use another study_name"
             )
+        if self.metric_names and study.metric_names != self.metric_names:
+            if study.metric_names is not None:
+                raise SweepConfigError(
+                    f"study {study.study_name} has the values {study.metric_names}, but "
+                    f"hydra.sweeper.metric_names says {self.metric_names}: use another "
+                    "study_name"
+                )
+            with warnings.catch_warnings():  # set_metric_names is experimental in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(self.metric_names)
         return study
 
 

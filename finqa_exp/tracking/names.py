@@ -10,6 +10,9 @@ RUN_ID_ATTR = "mlflow_run_id"  # of a trial: its MLflow run
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # of a study: its parent MLflow run
 TIMINGS_ATTR = "timings"  # of a trial: time_<phase>_s, trial_time_s, overhead_share
 STEP_UNIT_ATTR = "step_unit"  # of a trial: the unit of its intermediate values' steps
+# Of a trial: what its intermediate values are ("-eval_loss": negated, so that higher is
+# better as in a maximized study). They are the pruner's signal; a pruned trial has no value.
+INTERMEDIATE_VALUE_ATTR = "intermediate_value"
 
 # MLflow tags.
 STATE_TAG = "optuna_state"  # of a trial's run: how the trial ended (a state below)

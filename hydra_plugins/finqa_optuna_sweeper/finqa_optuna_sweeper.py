@@ -137,6 +137,8 @@ class ConfirmConf:
     top_k: int = 0
     seeds: list[int] = field(default_factory=list)
     seed_key: str | None = None
+    # Confirm an existing study's top_k now, asking for no new trial (its n_trials aside).
+    only: bool = False
 
 
 @dataclass
@@ -153,6 +155,9 @@ class FinqaOptunaSweeperConf:
     pruner: Any = MISSING
     # "minimize" | "maximize", or a list of them for a multi-objective study.
     direction: Any = "minimize"
+    # What the objective values are, e.g. rougeL or [rougeL, numeric_accuracy]: Optuna's
+    # study.metric_names, which optuna-dashboard and trials_dataframe() show (None: unnamed).
+    metric_names: Any = None
     # None (in memory), an RDB URL (sqlite:///abs.db, postgresql://...),
     # journal:///abs/path.log, or a config with a _target_ that builds an Optuna storage.
     storage: Any = None

@@ -7,18 +7,25 @@ run is left RUNNING, and optimization_results.yaml names the best trial's params
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 import yaml
 from mlflow import MlflowClient
+
+from tests.servers import optuna_dashboard
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,6 +105,31 @@ def test_small_sweep_over_real_trials(tmp_path):
     results = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(study.best_value)
     assert results["best_params"]["lora.r"] == study.best_params["lora.r"]
+
+    # What Optuna's own tools show: values named rougeL, none for the pruned trial (its
+    # intermediate values are negated eval losses, labelled as such).
+    assert study.metric_names == ["rougeL"]
+    assert trials[1].value is None and trials[1].user_attrs["intermediate_value"] == "-eval_loss"
+    assert all(v < 0 for v in trials[1].intermediate_values.values())
+    with optuna_dashboard(f"sqlite:///{tmp_path}/studies/{STUDY}.db", tmp_path / "dash") as url:
+        studies = get_json(f"{url}/api/studies")["study_summaries"]
+        (summary,) = [s for s in studies if s["study_name"] == STUDY]
+        detail = get_json(f"{url}/api/studies/{summary['study_id']}")
+        assert detail["objective_names"] == ["rougeL"]
+        shown = {t["number"]: t for t in detail["trials"]}
+        assert "values" not in shown[1] and shown[1]["state"] == "Pruned"
+        for t in trials:
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                assert shown[t.number]["values"] == [pytest.approx(t.value)]
+        with urllib.request.urlopen(f"{url}/csv/{summary['study_id']}", timeout=30) as resp:
+            rows = list(csv.reader(io.StringIO(resp.read().decode())))
+        assert rows[0][:3] == ["Number", "State", "rougeL"]
+        assert rows[2][:3] == ["1", "PRUNED", ""]  # no objective for the pruned trial
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
 
 
 def files_digest(folder: Path) -> dict[str, str]:

@@ -500,6 +500,45 @@ def test_multi_objective_writes_the_pareto_front(tmp_path):
     assert {tuple(s["values"]): s["params"] for s in solutions} == by_values
 
 
+def test_a_multi_objective_study_is_confirmed_on_its_first_objective(tmp_path):
+    from finqa_exp.sweep.confirm import confirmed, top_trials
+
+    two = ["objectives=2", "hydra.sweeper.direction=[minimize,minimize]"]
+    sweep(tmp_path, *two, "hydra.sweeper.n_trials=4", *CONFIRM)
+    study = load(tmp_path)
+    top = top_trials(study, 2)
+    assert [t.values[0] for t in top] == sorted(t.values[0] for t in study.trials)[:2]
+    runs = confirmations(tmp_path)
+    assert len(runs) == 4 and all(len(t.values) == 2 for t in runs)
+    ranked = confirmed(study)
+    assert {c.trial.number for c in ranked} == {t.number for t in top}
+    for c in ranked:  # each run's first objective
+        assert list(c.values) == [c.trial.values[0], *(t.values[0] for t in c.confirmations)]
+
+
+def test_confirm_only_confirms_an_existing_study_with_no_new_trial(tmp_path):
+    sweep(tmp_path, "hydra.sweeper.n_trials=3")
+    assert len(load(tmp_path).trials) == 3
+    # Even with a larger n_trials, confirm.only asks for no trial.
+    sweep(tmp_path, "hydra.sweeper.n_trials=5", *CONFIRM, "hydra.sweeper.confirm.only=true")
+    assert len(load(tmp_path).trials) == 3
+    assert len(confirmations(tmp_path)) == 4
+
+
+def test_failed_confirmations_count_against_the_failure_rate(tmp_path):
+    rate = "hydra.sweeper.max_failure_rate=0.25"
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=2", *CONFIRM, "fail_seed=2", rate, ok=False)
+    assert proc.returncode != 0
+    # 4 pairs queued, 0.25 x 4 = 1 failure allowed: the second failure stops the pass.
+    assert "2 confirmations failed in this sweep, more than max_failure_rate 0.25 x 4 queued" in (
+        proc.stderr
+    )
+    runs = confirmations(tmp_path)
+    failed = [t for t in runs if t.state == TrialState.FAIL]
+    assert len(failed) == 2 and all(t.user_attrs["seed"] == 2 for t in failed)
+    assert failed[0].user_attrs["fail_reason"] == "RuntimeError: planned failure of seed 2"
+
+
 def test_failed_trials_are_recorded_and_the_sweep_goes_on_within_the_rate(tmp_path):
     sweep(
         tmp_path, "fail_on=[1,3]", "hydra.sweeper.max_failure_rate=0.34", "hydra.sweeper.n_trials=6"
@@ -609,6 +648,48 @@ def test_a_trial_the_pruner_stops_is_recorded_pruned(tmp_path):
     study = load(tmp_path)
     assert states(study) == ["COMPLETE", "PRUNED"]
     assert list(study.trials[1].intermediate_values) == [0]  # stopped after its first report
+    # Its intermediate value is the pruner's signal, not the objective: no value is stored
+    # (Optuna's tell would store 11.0 here), so Optuna's tools show none.
+    assert study.trials[1].value is None and study.trials[1].values is None
+    frame = study.trials_dataframe()
+    assert math.isnan(frame["value"][1]) and frame["value"][0] == study.trials[0].value
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_pruned_trial_has_no_value_and_the_sampler_still_hears_of_it():
+    told: list[tuple[int, str, Any]] = []
+
+    class Recording(optuna.samplers.RandomSampler):
+        def after_trial(self, study, trial, state, values):
+            told.append((trial.number, state.name, values))
+
+    study = optuna.create_study(sampler=Recording(seed=0))
+    trial = study.ask()
+    trial.report(0.5, step=3)
+    frozen = book.tell(study, trial.number, book.Outcome(TrialState.PRUNED))
+    assert frozen.state == TrialState.PRUNED and frozen.value is None
+    assert frozen.intermediate_values == {3: 0.5}
+    assert told == [(0, "PRUNED", None)]
+    with pytest.raises(ValueError, match="Cannot tell a PRUNED trial"):
+        book.tell_pruned(study, trial.number)
+    # TPE models a study of pruned trials (by their intermediate values) as it would with
+    # Optuna's own tell.
+    tpe = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    for i in range(4):
+        t = tpe.ask({"x": FloatDistribution(0, 1)})
+        t.report(float(i), step=1)
+        book.tell(tpe, t.number, book.Outcome(TrialState.PRUNED))
+    assert 0 <= tpe.ask({"x": FloatDistribution(0, 1)}).params["x"] <= 1
+
+
+def test_the_study_names_its_values(tmp_path):
+    sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.metric_names=loss")
+    assert load(tmp_path).metric_names == ["loss"]
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.metric_names=cost", ok=False)
+    assert proc.returncode != 0
+    assert "study toy has the values ['loss'], but hydra.sweeper.metric_names says ['cost']" in (
+        proc.stderr
+    )
 
 
 def test_stale_running_trial_is_failed_and_retried_with_the_same_params(tmp_path):
@@ -896,3 +977,6 @@ def test_confirmation_settings_are_checked(tmp_path):
         "hydra.sweeper.confirm: confirm.top_k > 0 needs confirm.seeds and confirm.seed_key"
         in proc.stderr
     )
+    proc = sweep(tmp_path, "hydra.sweeper.confirm.only=true", ok=False)
+    assert proc.returncode != 0
+    assert "hydra.sweeper.confirm.only=true needs confirm.top_k > 0" in proc.stderr
