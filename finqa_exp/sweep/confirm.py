@@ -17,7 +17,17 @@ Re-running the command runs only what is missing: a confirmation that completed 
 failed one is run again, one left RUNNING by a killed sweep is failed once its heartbeat is
 stale and run again (the sweep's callbacks get ``on_trial_end`` with the confirmation study
 for each, so an app can close its runs). Nothing is pruned: a confirmation trains to the
-end. The job folder of confirmation ``n`` is ``confirm-<n>`` in the sweep folder.
+end. The job folder of confirmation ``n`` is ``confirm-<n>`` in the sweep folder. A failed
+confirmation counts against ``max_failure_rate`` (of the pairs to run) as a failed trial
+does; the next run of the command runs it again.
+
+In a multi-objective study the first objective ranks the trials (the top_k, and the best
+mean); every objective's values are recorded.
+
+``hydra.sweeper.confirm.only=true`` confirms an existing study without asking for any new
+trial, e.g. more of its trials, or with more seeds::
+
+    python -m finqa_exp -m hydra.sweeper.confirm.only=true hydra.sweeper.confirm.top_k=5
 :func:`confirmed` turns both studies into each configuration's values over its seeds, for
 whoever picks the winner.
 """
@@ -27,6 +37,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +57,7 @@ from finqa_exp.sweep.study_book import (
     last_beat,
     tell,
 )
+from finqa_exp.sweep.study_setup import SweepError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +85,7 @@ class ConfirmSettings:
     top_k: int = 0
     seeds: list[int] = field(default_factory=list)
     seed_key: str | None = None
+    only: bool = False  # confirm an existing study; ask for no new trial
 
     def __post_init__(self) -> None:
         self.seeds = [int(s) for s in self.seeds or ()]
@@ -88,11 +101,16 @@ class ConfirmSettings:
         return self.top_k > 0
 
 
+def _sign(study: optuna.Study) -> float:
+    """-1 if the (first) objective is maximized: sorting sign * value puts the best first."""
+    return -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+
+
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The study's ``k`` best complete trials, best first (ties: the earlier trial)."""
+    """The study's ``k`` best complete trials by its (first) objective, best first (ties: the
+    earlier trial)."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    return sorted(done, key=lambda t: (sign * float(t.value), t.number))[:k]
+    return sorted(done, key=lambda t: (_sign(study) * float(t.values[0]), t.number))[:k]
 
 
 def pair(trial: FrozenTrial) -> tuple[int, int] | None:
@@ -107,7 +125,7 @@ def open_confirm_study(study: optuna.Study) -> optuna.Study:
     confirm = optuna.create_study(
         storage=study._storage,  # the same storage object: no second connection pool
         study_name=confirm_study_name(study.study_name),
-        direction=study.direction,
+        directions=study.directions,
         sampler=optuna.samplers.RandomSampler(),  # every trial's params are given
         pruner=optuna.pruners.NopPruner(),
         load_if_exists=True,
@@ -115,6 +133,10 @@ def open_confirm_study(study: optuna.Study) -> optuna.Study:
     for key, value in {**study.user_attrs, CONFIRMED_STUDY_ATTR: study.study_name}.items():
         if confirm.user_attrs.get(key) != value:
             confirm.set_user_attr(key, value)
+    if study.metric_names and confirm.metric_names != study.metric_names:
+        with warnings.catch_warnings():  # set_metric_names is experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            confirm.set_metric_names(study.metric_names)
     return confirm
 
 
@@ -147,10 +169,12 @@ class ConfirmRun:
         self.space = space
         self.settings = settings
         self.callbacks = callbacks  # on_trial_end(confirm study, trial) as for trials
+        self.failures: list[str] = []  # this pass's, for max_failure_rate
+        self.queued = 0
 
     def execute(self) -> optuna.Study | None:
         """Run the missing confirmations; returns the confirmation study (None if off)."""
-        if not self.settings.enabled or len(self.study.directions) > 1:
+        if not self.settings.enabled:
             return None
         top = top_trials(self.study, self.settings.top_k)
         if not top:
@@ -160,7 +184,11 @@ class ConfirmRun:
         seed_key = self.settings.seed_key
         assert seed_key is not None
         seeds = self.settings.seeds
-        for trial, seed in missing_pairs(top, seeds, confirm.get_trials(deepcopy=False)):
+        missing = missing_pairs(top, seeds, confirm.get_trials(deepcopy=False))
+        self.queued = len(missing) + len(
+            confirm.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        )
+        for trial, seed in missing:
             confirm.add_trial(
                 optuna.trial.create_trial(
                     state=TrialState.WAITING,
@@ -217,7 +245,7 @@ class ConfirmRun:
                 returns = launcher.launch(
                     [self._overrides(trials[n]) for n in run], initial_job_idx=run[0]
                 )
-                outcomes = [job_outcome(ret, 1) for ret in returns]
+                outcomes = [job_outcome(ret, len(confirm.directions)) for ret in returns]
             except Exception as err:  # the launcher itself broke
                 outcomes = [Outcome(TrialState.FAIL, reason=describe(err), error=err)] * len(run)
             for number, outcome in zip(run, outcomes):
@@ -243,14 +271,22 @@ class ConfirmRun:
                 "Confirmation %d of trial %d, seed %d: FAIL: %s (run the command again to "
                 "retry it)", trial.number, confirmed, seed, outcome.reason,
             )  # fmt: skip
+            self.failures.append(f"confirmation {trial.number}: {outcome.reason}")
         else:
             frozen = tell(confirm, trial.number, outcome)
             log.info(
                 "Confirmation %d of trial %d, seed %d: %s %s",
-                trial.number, confirmed, seed, frozen.state.name, _fmt(frozen.value),
+                trial.number, confirmed, seed, frozen.state.name, _fmt(frozen.values),
             )  # fmt: skip
         if frozen is not None:
             notify(self.callbacks, "on_trial_end", confirm, frozen)
+        allowed = self.sweep.max_failure_rate * self.queued
+        if len(self.failures) > allowed:
+            raise SweepError(
+                f"{len(self.failures)} confirmations failed in this sweep, more than "
+                f"max_failure_rate {self.sweep.max_failure_rate} x {self.queued} queued = "
+                f"{allowed:g}; stopping. Last: {self.failures[-1]}"
+            )
 
     def _fail_stale(self, confirm: optuna.Study) -> None:
         now = time.time()
@@ -308,12 +344,11 @@ def confirmed(study: optuna.Study) -> list[Confirmed]:
         if original.state != TrialState.COMPLETE:
             continue
         runs.sort(key=lambda t: int(t.user_attrs[SEED_ATTR]))
-        values = (float(original.value), *(float(t.value) for t in runs))
+        values = (float(original.values[0]), *(float(t.values[0]) for t in runs))
         seeds = (None, *(int(t.user_attrs[SEED_ATTR]) for t in runs))
         out.append(Confirmed(original, values, seeds, tuple(runs)))
-    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    return sorted(out, key=lambda c: (sign * c.mean, c.trial.number))
+    return sorted(out, key=lambda c: (_sign(study) * c.mean, c.trial.number))
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4g}"
+def _fmt(values: Sequence[float] | None) -> str:
+    return ", ".join(f"{v:.4g}" for v in values or ())

@@ -39,6 +39,8 @@ def objective(cfg: DictConfig) -> float | tuple[float, float]:
         trial.set_user_attr("job_pid", os.getpid())
     if number in cfg.fail_on:
         raise RuntimeError(f"planned failure of trial {number}")
+    if cfg.fail_seed is not None and cfg.seed == cfg.fail_seed:
+        raise RuntimeError(f"planned failure of seed {cfg.seed}")
     time.sleep(cfg.sleep_s)
     if number in cfg.hang_on:
         time.sleep(cfg.hang_s)  # long enough for a test to kill or interrupt the sweep
