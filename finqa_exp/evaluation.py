@@ -28,7 +28,7 @@ from finqa_exp.prompts import format_prompt
 
 log = logging.getLogger(__name__)
 
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+ROUGE_KEYS = metrics_lib.ROUGE_KEYS
 CACHE_FORMAT = 2  # of the cached base answers: 2 added per-question scores and counts
 
 
@@ -131,6 +131,10 @@ class Evaluator:
     def from_config(cls, conf: FinqaConfig) -> Evaluator:
         """Loads ``eval.metrics`` (MetricError before any model loads if one cannot be)."""
         return cls(conf.data.prompt_template, conf.eval, metrics_lib.load(conf.eval.metrics))
+
+    def score_names(self) -> set[str]:
+        """Every score this evaluator logs (ROUGE and the metrics' float outputs)."""
+        return metrics_lib.score_names(self.metrics)
 
     def answer(self, model: Any, tokenizer: Any, test: list[QAPair]) -> Answers:
         """The model's greedy answers to ``test``, scored."""

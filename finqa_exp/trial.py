@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finqa_exp import data as data_lib
 from finqa_exp import tracking
-from finqa_exp.config import FinqaConfig, flatten, validate
+from finqa_exp.config import ConfigError, FinqaConfig, flatten, validate
 from finqa_exp.tracking import names
 from finqa_exp.tracking.trial_run import TrialRun, trial_run_name, trial_run_tags
 
@@ -36,9 +36,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# What every trial logs beside its scores (trial_metrics, peak memory): objective choices.
+RUN_METRICS = (
+    "eval_loss", "final_train_loss", "train_time_s", "train_tokens", "tokens_per_s",
+    "train_steps", "trainable_params", "peak_memory_mb", "peak_memory_reserved_mb",
+)  # fmt: skip
+
+
 @dataclass
 class TrialResult:
-    objective: float
+    objective: float | list[float]  # one value per objective.metric
     metrics: dict[str, float]
     run_id: str | None
     adapter_dir: Path
@@ -47,8 +54,9 @@ class TrialResult:
     model: Any  # the tuned peft model (tests inspect it; run_trial drops it)
 
 
-def run_trial(cfg: DictConfig) -> float:
-    """Run one trial for the composed config and return its objective (``objective.metric``)."""
+def run_trial(cfg: DictConfig) -> float | list[float]:
+    """Run one trial for the composed config and return its objective (``objective.metric``):
+    a float, or a list of them when ``objective.metric`` is a list (a multi-objective study)."""
     return execute(cfg).objective
 
 
@@ -62,6 +70,7 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
     from finqa_exp import devices, evaluation, modeling
 
     evaluator = evaluation.Evaluator.from_config(conf)  # MetricError: cannot load a metric
+    check_objective_names(conf, evaluator.score_names())  # ConfigError: not a logged metric
     dev = devices.device()  # this process's one GPU, pinned before CUDA starts, or the CPU
     trial = _sweep_trial()
     name, tags = trial_run_name(conf, trial), trial_run_tags(conf, devices.describe_device(dev))
@@ -92,8 +101,9 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
             samples = evaluation.sample_rows(test, before, after)
             tracker.log_table(samples[: conf.eval.num_samples], names.SAMPLES_ARTIFACT)
             tracker.log_table(evaluation.score_table(test, before, after), names.SCORES_ARTIFACT)
+        values = [metrics[m] for m in conf.objective.metrics]
         return TrialResult(
-            objective=metrics[conf.objective.metric],
+            objective=values[0] if len(values) == 1 else values,
             metrics=run.complete(metrics),
             run_id=run.run_id,
             adapter_dir=adapter_dir,
@@ -131,8 +141,10 @@ def train_adapter(
     )
     run.tracker.log_metrics({"train_examples": n, "steps_per_epoch": epoch_steps})
     callbacks = training.extra_callbacks(conf.train.callbacks)
-    if run.trial is not None:
-        maximize = conf.objective.direction == "maximize"
+    if run.trial is not None and len(conf.objective.metrics) > 1:
+        log.info("not reporting to the pruner: Optuna prunes single-objective studies only")
+    elif run.trial is not None:
+        maximize = conf.objective.directions[0] == "maximize"
         schedule = training.eval_schedule(conf.train, n)
         callbacks.append(training.PruningCallback(run.trial, maximize, n, schedule))
     out_dir = Path(conf.paths.output_dir) / "trainer"
@@ -171,12 +183,38 @@ def trial_metrics(
     return metrics
 
 
+def objective_choices(score_names: set[str]) -> set[str]:
+    """The metrics a trial logs, given its score names: what ``objective.metric`` can be."""
+    choices = set(RUN_METRICS)
+    for k in score_names:
+        for name in (k, f"delta_{k}"):
+            choices |= {name, f"{name}_ci_low", f"{name}_ci_high"}
+        choices.add(f"base_{k}")
+    return choices
+
+
+def check_objective_names(conf: FinqaConfig, score_names: set[str] | None) -> None:
+    """ConfigError unless every ``objective.metric`` is a metric the trial logs (None: the
+    score names are not known yet, see metrics.expected_scores)."""
+    if score_names is None:
+        return
+    choices = objective_choices(score_names)
+    for metric in conf.objective.metrics:
+        if metric not in choices:
+            raise ConfigError(
+                f"objective.metric={metric} is not a metric a trial logs: the scores are "
+                f"{sorted(score_names)} (also as base_<score>, delta_<score>, "
+                f"<score>_ci_low/_ci_high), or one of {', '.join(RUN_METRICS)}"
+            )
+
+
 def check_objective(conf: FinqaConfig, metrics: dict[str, float]) -> None:
-    if conf.objective.metric not in metrics:
-        raise ValueError(
-            f"objective.metric={conf.objective.metric} was not measured (eval loss needs a "
-            f"test split and train.eval_strategy other than 'no')"
-        )
+    for metric in conf.objective.metrics:
+        if metric not in metrics:
+            raise ValueError(
+                f"objective.metric={metric} was not measured (eval loss needs a test split "
+                f"and train.eval_strategy other than 'no'; peak memory a CUDA device)"
+            )
 
 
 def save_adapter(
@@ -219,6 +257,7 @@ def preflight(cfg: DictConfig) -> None:
     from finqa_exp import metrics
 
     metrics.check(conf.eval.metrics)  # MetricError: a local metric that is not there
+    check_objective_names(conf, metrics.expected_scores(conf.eval.metrics))
     if conf.tracking.backend == "mlflow":
         # A stopped tracking server fails the sweep here, before the study has a trial.
         tracking.check_reachable(conf.tracking.uri)

@@ -59,6 +59,27 @@ def test_numeric_accuracy_counts_only_numeric_references(numeric_accuracy):
     assert scores == {"numeric_accuracy": pytest.approx(sum(numeric) / len(numeric))}
 
 
+def test_per_question_scores_in_one_call_equal_one_call_per_question(numeric_accuracy):
+    answers = [a for a, _, _ in REFERENCE_CASES]
+    references = [r for _, r, _ in REFERENCE_CASES]
+    out = numeric_accuracy.compute(predictions=answers, references=references, per_question=True)
+    one_by_one = [
+        numeric_accuracy.compute(predictions=[a], references=[r])
+        for a, r in zip(answers, references)
+    ]
+    expected = [o["numeric_accuracy"] if o["numeric_questions"] else None for o in one_by_one]
+    assert out["per_question"] == {"numeric_accuracy": expected}
+
+
+def test_score_names_are_known_before_any_model(numeric_accuracy):
+    rouge = {"rouge1", "rouge2", "rougeL"}
+    assert metrics.expected_scores(["numeric_accuracy"]) == {*rouge, "numeric_accuracy"}
+    assert metrics.expected_scores(["bleu"]) is None  # a hub metric's names: once loaded
+    assert metrics.score_names({"numeric_accuracy": numeric_accuracy}) == {
+        *rouge, "numeric_accuracy"
+    }  # fmt: skip
+
+
 LENGTH_METRIC = """
 import datasets
 import evaluate
@@ -86,7 +107,8 @@ def test_an_evaluate_metric_loads_from_a_local_path_offline(tmp_path, monkeypatc
     module = metrics.load([str(folder)])[str(folder)]
     scores, counts, per_question = metrics.compute(module, ["one two", "three"], ["x", "y"])
     assert scores == {"answer_words": 1.5} and counts == {}
-    assert per_question == {"answer_words": [2.0, 1.0]}
+    assert per_question == {"answer_words": [2.0, 1.0]}  # one call per question
+    assert metrics.score_names({"len": module}) == {"rouge1", "rouge2", "rougeL", "answer_words"}
 
 
 @pytest.mark.parametrize(
@@ -117,6 +139,21 @@ def test_the_trial_refuses_a_missing_metric_before_any_model_loads(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: eval.metrics: no metric file or folder at ./nope"
+    assert not (tmp_path / ".cache").exists()  # no model built
+
+
+def test_an_objective_that_is_not_logged_is_refused_before_any_model_loads(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "finqa_exp", "objective.metric=numeric_acuracy", "tracking=none"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "FINQA_EXP_ROOT": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith(
+        "error: objective.metric=numeric_acuracy is not a metric a trial logs: the scores are "
+        "['numeric_accuracy', 'rouge1', 'rouge2', 'rougeL']"
+    )
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / ".cache").exists()  # no model built
 
 

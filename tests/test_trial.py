@@ -266,11 +266,13 @@ def test_later_trials_reuse_the_loaded_base_and_match_a_fresh_load(make_cfg):
     fail = "+train.callbacks.fail={_target_: tests.test_trial.FailAtStep, step: 2}"
     with pytest.raises(RuntimeError, match="injected failure at step 2"):
         execute(make_cfg("tracking=none", "train.epochs=1", "lora.r=4", fail))
-    other = execute(make_cfg("tracking=none", "train.epochs=1", "train.learning_rate=3e-4"))
+    two = ["objective.metric=[rougeL,eval_loss]", "objective.direction=[maximize,minimize]"]
+    other = execute(make_cfg("tracking=none", "train.epochs=1", "train.learning_rate=3e-4", *two))
     again = execute(make_cfg("tracking=none", "train.epochs=1"))
 
     assert modeling.shared_base.model is base  # never loaded again
-    assert other.objective != first.objective
+    assert other.objective == [other.metrics["rougeL"], other.metrics["eval_loss"]]
+    assert other.objective[0] != first.objective
     for key in ("eval_loss", "final_train_loss", "rouge1", "rouge2", "rougeL"):
         assert again.metrics[key] == first.metrics[key], key
     assert again.samples == first.samples

@@ -19,9 +19,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from finqa_exp.config.checks import ConfigError
+from finqa_exp.config.objective import ObjectiveConfig, better_direction
 from finqa_exp.config.schema import (
     DTYPES,
-    METRICS,
     SCHEDULERS,
     ColumnsConfig,
     DataConfig,
@@ -29,7 +29,6 @@ from finqa_exp.config.schema import (
     FinqaConfig,
     LoraConfig,
     ModelConfig,
-    ObjectiveConfig,
     PathsConfig,
     QuantConfig,
     TinyModelConfig,
@@ -41,7 +40,6 @@ T = TypeVar("T")
 
 __all__ = [
     "DTYPES",
-    "METRICS",
     "SCHEDULERS",
     "ColumnsConfig",
     "ConfigError",
@@ -56,6 +54,7 @@ __all__ = [
     "TinyModelConfig",
     "TrackingConfig",
     "TrainConfig",
+    "better_direction",
     "flatten",
     "register_configs",
     "typed",

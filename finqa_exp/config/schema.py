@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finqa_exp.config.checks import _module_exists, _require
+from finqa_exp.config.objective import ObjectiveConfig
 
 
 @dataclass
@@ -349,34 +350,6 @@ class PathsConfig:
     reports_dir: str = "reports"
 
 
-METRICS = ("rouge1", "rouge2", "rougeL", "eval_loss")
-
-
-@dataclass
-class ObjectiveConfig:
-    """What a trial returns to the sweep: the metric, and which way is better."""
-
-    metric: str = "rougeL"
-    direction: str = "maximize"
-
-    def __post_init__(self) -> None:
-        _require(
-            self.metric in METRICS,
-            f"objective.metric must be one of {METRICS}, got '{self.metric}'",
-        )
-        directions = ("maximize", "minimize")
-        _require(
-            self.direction in directions,
-            f"objective.direction must be one of {directions}, got '{self.direction}'",
-        )
-        better_low = self.metric == "eval_loss"
-        _require(
-            (self.direction == "minimize") == better_low,
-            f"objective.direction={self.direction} does not fit objective.metric={self.metric} "
-            f"(eval_loss is minimized, ROUGE maximized)",
-        )
-
-
 @dataclass
 class FinqaConfig:
     """The whole trial configuration (``conf/config.yaml`` composes it)."""
@@ -395,6 +368,6 @@ class FinqaConfig:
 
     def __post_init__(self) -> None:
         _require(
-            not (self.objective.metric == "eval_loss" and self.train.eval_strategy == "no"),
+            not ("eval_loss" in self.objective.metrics and self.train.eval_strategy == "no"),
             "objective.metric=eval_loss needs train.eval_strategy=epoch or steps, got 'no'",
         )

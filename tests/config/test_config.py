@@ -66,14 +66,44 @@ def test_seed_llama2_7b_is_the_reference_recipe(tmp_path):
         ("quant.compute_dtype=float8", "quant.compute_dtype must be one of"),
         ("data.test_size=0", "data.test_size must be > 0"),
         ("objective.metric=eval_loss", "does not fit objective.metric=eval_loss"),
+        ("objective.metric=delta_rougeL", None),
+        ("objective.metric=[rougeL,rougeL]", "objective.metric lists a metric twice"),
+        (
+            "objective.metric=[rougeL,numeric_accuracy]",
+            "objective.direction has 1 entries for 2 objective.metric entries",
+        ),
+        ("objective.direction=up", "objective.direction must be one of"),
         ("data=local", "data.path is required for data.source=local"),
     ],
 )
 def test_bad_values_fail_validation(override, message, tmp_path):
     cfg = compose_cfg([override], tmp_path)
+    if message is None:  # a good value among the bad, so the check is not refusing all
+        validate(cfg)
+        return
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert message in str(err.value)
+
+
+def test_several_objectives_make_a_multi_objective_trial(tmp_path):
+    cfg = compose_cfg(
+        ["objective.metric=[rougeL,eval_loss]", "objective.direction=[maximize,minimize]"], tmp_path
+    )
+    conf = validate(cfg)
+    assert conf.objective.metrics == ("rougeL", "eval_loss")
+    assert conf.objective.directions == ("maximize", "minimize")
+    from finqa_exp.trial import check_objective_names, objective_choices
+
+    assert {"numeric_accuracy", "delta_rougeL_ci_low", "base_rougeL", "eval_loss"} <= (
+        objective_choices({"rougeL", "numeric_accuracy"})
+    )
+    check_objective_names(conf, {"rougeL"})
+    check_objective_names(conf, None)  # names not known yet: the trial checks them
+    bad = validate(compose_cfg(["objective.metric=bleu"], tmp_path))
+    with pytest.raises(ConfigError, match=r"^objective\.metric=bleu is not a metric a trial logs"):
+        check_objective_names(bad, {"rougeL"})
+    check_objective_names(bad, {"rougeL", "bleu"})  # once eval.metrics has it
 
 
 @pytest.mark.parametrize(

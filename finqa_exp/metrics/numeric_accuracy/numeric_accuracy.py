@@ -6,6 +6,8 @@ A Hugging Face ``evaluate`` module, loaded from this folder (no hub)::
     metric = evaluate.load("finqa_exp/metrics/numeric_accuracy")
     metric.compute(predictions=["It was $1,628.89."], references=["Revenue: 1628.89 USD"])
     # {'numeric_accuracy': 1.0, 'numeric_questions': 1}
+    metric.compute(predictions=[...], references=[...], per_question=True)
+    # adds 'per_question': {'numeric_accuracy': [1.0, None, ...]}: None where no number
 
 ROUGE cannot tell "$1,628.89" from "$1,268.89"; this can. Only references that contain a
 number count (``numeric_questions``); with none, the accuracy is NaN. The key number is the
@@ -94,7 +96,13 @@ class NumericAccuracy(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        scored = [s for p, r in zip(predictions, references) if (s := score(p, r)) is not None]
+    def _compute(
+        self, predictions: list[str], references: list[str], per_question: bool = False
+    ) -> dict:
+        each = [score(p, r) for p, r in zip(predictions, references)]
+        scored = [s for s in each if s is not None]
         accuracy = sum(scored) / len(scored) if scored else math.nan
-        return {"numeric_accuracy": accuracy, "numeric_questions": len(scored)}
+        out: dict = {"numeric_accuracy": accuracy, "numeric_questions": len(scored)}
+        if per_question:
+            out["per_question"] = {"numeric_accuracy": each}
+        return out
