@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.core.config_store import ConfigStore
 
@@ -44,6 +45,9 @@ from finqa_exp.report.numbers import best_so_far, loss_curves
 from finqa_exp.report.render import to_html, to_markdown
 from finqa_exp.report.sections import document, report_title
 from finqa_exp.tracking import RunStore, champion_name, champion_tags
+
+if TYPE_CHECKING:
+    from finqa_exp.sweep.confirm import Confirmed
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +126,14 @@ def write_plots(studies: Sequence[StudyData], folder: Path) -> dict[str, dict[st
     return plots
 
 
-def winner(d: StudyData) -> tuple[TrialRow, float, tuple[float, ...], str] | None:
-    """(trial, score, values over seeds, study) of the study's winner: the best mean over
-    seeds among its confirmed trials, else its best trial; None if it has no run."""
+def winner(d: StudyData) -> tuple[TrialRow, float, Confirmed | None, str] | None:
+    """(trial, score, its values over seeds, study) of the study's winner: the best mean
+    over seeds among its confirmed trials, else its best trial; None if it has no run."""
     if d.confirmed:
         top = d.confirmed[0]
-        return (top.trial, top.mean, top.values, d.name) if top.trial.run else None
+        return (top.trial, top.mean, top.confirmed, d.name) if top.trial.run else None
     best = d.best
-    return (best, best.value, (), d.name) if best.run and best.value is not None else None
+    return (best, best.value, None, d.name) if best.run and best.value is not None else None
 
 
 def keep_champions(rc: ReportConfig, studies: Sequence[StudyData], store: RunStore) -> None:
@@ -153,9 +157,9 @@ def keep_champions(rc: ReportConfig, studies: Sequence[StudyData], store: RunSto
         )
         # A champion is a decision: while trials still run it would move under the user.
         if rc.register and winners and not any(d.unfinished for d in group):
-            best, _, values, owner = winners[0]
+            best, _, over_seeds, owner = winners[0]
             assert best.run is not None and best.value is not None
-            tags = champion_tags(owner, best.number, best.value, values)
+            tags = champion_tags(owner, best.number, best.value, over_seeds)
             store.register_champion(model, best.run.run_id, alias=rc.alias, tags=tags)
         for d in group:
             d.champion = store.champion(model, rc.alias)
@@ -184,7 +188,7 @@ def write_report(rc: ReportConfig) -> Path:
     opened = [open_study(rc.storage, name) for name in names]  # a wrong name fails first
     store = RunStore(rc.tracking.uri)
     studies = [
-        load_study_data(study, store, rc.storage, rc.curves_top_k, rc.num_examples)
+        load_study_data(study, store, rc.storage, rc.curves_top_k, rc.num_examples, rc.top_k)
         for study in opened
     ]
     keep_champions(rc, studies, store)

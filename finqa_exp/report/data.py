@@ -14,10 +14,13 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finqa_exp.errors import BadInput
 from finqa_exp.tracking import Champion, RunRecord, RunStore, names, redact
+
+if TYPE_CHECKING:
+    from finqa_exp.sweep.confirm import Confirmed
 
 STATES = (names.COMPLETE, names.PRUNED, names.FAIL, "RUNNING", "WAITING")
 FINISHED = STATES[:3]
@@ -44,6 +47,7 @@ class TrialRow:
     end: float | None
     steps_reported: tuple[int, ...]  # steps of its intermediate values (eval losses)
     fail_reason: str | None = None
+    values: tuple[float, ...] = ()  # every objective of a multi-objective study (value: first)
 
     @property
     def duration_s(self) -> float | None:
@@ -55,22 +59,31 @@ class TrialRow:
 
 @dataclass(frozen=True)
 class ConfirmedRow:
-    """A top trial trained again with other seeds (finqa_exp/sweep/confirm.py)."""
+    """A top trial trained again with other seeds (finqa_exp/sweep/confirm.py), with its runs."""
 
     trial: TrialRow
-    values: tuple[float, ...]  # the objective: the trial's own run, then one per seed
-    seeds: tuple[int | None, ...]  # None: the trial's own seed
+    confirmed: Confirmed  # the objective over seeds: values, seeds, mean and spread
     runs: tuple[RunRecord | None, ...]  # aligned with values
     # The objective per test question, averaged over the seeds (None: no scores.json).
     question_means: tuple[float | None, ...] | None
 
     @property
+    def values(self) -> tuple[float, ...]:
+        """The objective: the trial's own run, then one per seed."""
+        return self.confirmed.values
+
+    @property
+    def seeds(self) -> tuple[int | None, ...]:
+        """Aligned with values; None: the trial's own seed."""
+        return self.confirmed.seeds
+
+    @property
     def mean(self) -> float:
-        return statistics.fmean(self.values)
+        return self.confirmed.mean
 
     @property
     def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+        return self.confirmed.std
 
 
 @dataclass
@@ -93,6 +106,11 @@ class StudyData:
     question_scores: dict[int, list[float | None]] = field(default_factory=dict)
     # The confirmed configurations, best mean first ([] if the study was not confirmed).
     confirmed: list[ConfirmedRow] = field(default_factory=list)
+    # A multi-objective study's objectives (metric first), which way each is better, and
+    # the trials of its Pareto front; () for a single objective.
+    objectives: tuple[str, ...] = ()
+    maximizes: tuple[bool, ...] = ()
+    pareto: tuple[int, ...] = ()
 
     @property
     def ranked(self) -> list[TrialRow]:
@@ -209,13 +227,14 @@ def trial_rows(study: Any, store: RunStore) -> list[TrialRow]:
             TrialRow(
                 number=t.number,
                 state=t.state.name,
-                value=t.value if t.state.name == names.COMPLETE else None,
+                value=t.values[0] if t.state.name == names.COMPLETE else None,
                 params=dict(t.params),
                 run=store.run(run_id) if run_id else None,
                 start=t.datetime_start.timestamp() if t.datetime_start else None,
                 end=t.datetime_complete.timestamp() if t.datetime_complete else None,
                 steps_reported=tuple(sorted(t.intermediate_values)),
                 fail_reason=t.user_attrs.get("fail_reason"),
+                values=tuple(t.values) if t.state.name == names.COMPLETE else (),
             )
         )
     return rows
@@ -237,8 +256,10 @@ def param_importances(study: Any, complete: int) -> tuple[dict[str, float], str]
     if complete < 2:
         return {}, f"needs at least 2 complete trials (this study has {complete})"
     try:
+        # A multi-objective study's importances are for its first objective.
+        first = (lambda t: t.values[0]) if len(study.directions) > 1 else None
         found = optuna.importance.get_param_importances(
-            study, evaluator=FanovaImportanceEvaluator(seed=0)
+            study, evaluator=FanovaImportanceEvaluator(seed=0), target=first
         )
     except (ValueError, RuntimeError) as err:
         return {}, f"could not be computed: {str(err).splitlines()[0]}"
@@ -255,17 +276,21 @@ def logged_steps(history: list[tuple[int, float]]) -> list[tuple[int, float]]:
 
 
 def load_study_data(
-    study: Any, store: RunStore, storage: str, curves_top_k: int, num_examples: int
+    study: Any,
+    store: RunStore,
+    storage: str,
+    curves_top_k: int,
+    num_examples: int,
+    scores_top_k: int = 0,
 ) -> StudyData:
     """Read one study's trials and their runs; ReportError if no trial is complete.
 
     ``storage`` is the URL template the study came from (shown, redacted); the loss
-    curves of the best ``curves_top_k`` trials and the best trial's first
-    ``num_examples`` sample answers come along.
+    curves of the best ``curves_top_k`` trials, the per-question scores of the best
+    ``max(curves_top_k, scores_top_k)`` (the winners table's leads) and the best trial's
+    first ``num_examples`` sample answers come along.
     """
     name = study.study_name
-    if len(study.directions) > 1:
-        raise ReportError(f"study '{name}' is multi-objective; reports cover one objective")
     trials = trial_rows(study, store)
     counts = state_counts(trials)
     if not trials:
@@ -278,7 +303,7 @@ def load_study_data(
     data = StudyData(
         name=name,
         storage=redact(storage_url(storage, name)),
-        maximize=study.direction.name == "MAXIMIZE",
+        maximize=study.directions[0].name == "MAXIMIZE",  # the first ranks the trials
         metric="objective",
         distributions=searched_distributions(study),
         trials=trials,
@@ -288,18 +313,28 @@ def load_study_data(
         samples=[],
     )
     best = data.best
-    if best.run is not None:
+    if study.metric_names:  # set by the sweep (hydra.sweeper.metric_names)
+        data.metric = study.metric_names[0]
+    elif best.run is not None:
         data.metric = best.run.params.get("objective.metric", "objective")
+    if len(study.directions) > 1:
+        data.objectives = tuple(
+            study.metric_names or (f"objective {i}" for i in range(len(study.directions)))
+        )
+        data.maximizes = tuple(d.name == "MAXIMIZE" for d in study.directions)
+        data.pareto = tuple(sorted(t.number for t in study.best_trials))
     data.importances, data.importance_note = param_importances(study, counts[names.COMPLETE])
-    for t in data.ranked[:curves_top_k]:
-        if t.run is not None:
+    for rank, t in enumerate(data.ranked[: max(curves_top_k, scores_top_k)]):
+        if t.run is None:
+            continue
+        if rank < curves_top_k:
             data.curves[t.number] = (
                 logged_steps(store.history(t.run.run_id, "train_loss")),
                 logged_steps(store.history(t.run.run_id, "eval_loss")),
             )
-            scores = question_scores(store, t.run.run_id, data.metric)
-            if scores is not None:
-                data.question_scores[t.number] = scores
+        scores = question_scores(store, t.run.run_id, data.metric)
+        if scores is not None:
+            data.question_scores[t.number] = scores
     if best.run is not None:
         data.samples = store.table(best.run.run_id, names.SAMPLES_ARTIFACT)[:num_examples]
     data.confirmed = confirmed_rows(study, store, data)
@@ -328,7 +363,7 @@ def confirmed_rows(study: Any, store: RunStore, data: StudyData) -> list[Confirm
         if all(s is not None for s in per_seed) and len({len(s) for s in per_seed}) == 1:
             means = tuple(_mean_or_none(q) for q in zip(*per_seed))
         trial = by_number[c.trial.number]
-        rows.append(ConfirmedRow(trial, c.values, c.seeds, runs, means))
+        rows.append(ConfirmedRow(trial, c, runs, means))
     return rows
 
 

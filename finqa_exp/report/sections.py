@@ -31,6 +31,7 @@ from finqa_exp.report.numbers import (
     pruning_savings,
     wall_time,
 )
+from finqa_exp.report.pareto import objective_text, pareto_blocks
 from finqa_exp.report.render import (
     NONE,
     Block,
@@ -109,12 +110,11 @@ def savings_text(s: Savings) -> Text:
 def summary_blocks(data: StudyData, plots: Mapping[str, str], level: int) -> list[Block]:
     counts = state_counts(data.trials)
     busy, span = wall_time(data.trials)
-    direction = "maximized" if data.maximize else "minimized"
     blocks: list[Block] = [
         Heading(level, "Summary"),
         Bullets(
             (
-                ("Objective: ", Code(data.metric), f" ({direction})"),
+                objective_text(data),
                 "Trials: " + ", ".join(f"{n} {LABELS[s]}" for s, n in counts.items() if n),
                 (
                     f"Wall time: {fmt_duration(busy)} with at least one trial "
@@ -313,6 +313,7 @@ def study_blocks(data: StudyData, plots: Mapping[str, str], top_k: int, level: i
         blocks.append(note)
     blocks += summary_blocks(data, plots, level)
     blocks += winners_blocks(data, top_k, level)
+    blocks += pareto_blocks(data, level)
     blocks += confirmed_blocks(data, level)
     blocks += base_vs_best_blocks(data, level)
     blocks += params_blocks(data, plots, level)

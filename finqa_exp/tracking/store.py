@@ -8,14 +8,15 @@ best adapter with :func:`register_study_champion`.
 from __future__ import annotations
 
 import os
-import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finqa_exp.tracking import names
 from finqa_exp.tracking.reach import TrackingError, redact
+
+if TYPE_CHECKING:
+    from finqa_exp.sweep.confirm import Confirmed
 
 CHAMPION_ALIAS = "champion"
 
@@ -198,7 +199,7 @@ def champion_name(template: str, study_name: str) -> str:
 
 
 def champion_tags(
-    study: str, trial_number: int, value: float, values: Sequence[float] = ()
+    study: str, trial_number: int, value: float, confirmed: Confirmed | None = None
 ) -> dict[str, str]:
     """What a champion's model version records: its study, trial and objective, and for a
     configuration confirmed over seeds its mean, spread and values (the trial's own first)."""
@@ -207,12 +208,12 @@ def champion_tags(
         names.TRIAL_NUMBER_TAG: str(trial_number),
         "objective": repr(float(value)),
     }
-    if len(values) > 1:
+    if confirmed is not None and len(confirmed.values) > 1:
         tags.update(
-            objective_mean=repr(statistics.fmean(values)),
-            objective_std=repr(statistics.stdev(values)),
-            n_seeds=str(len(values)),
-            objective_values=" ".join(repr(float(v)) for v in values),
+            objective_mean=repr(confirmed.mean),
+            objective_std=repr(confirmed.std),
+            n_seeds=str(len(confirmed.values)),
+            objective_values=" ".join(repr(float(v)) for v in confirmed.values),
         )
     return tags
 
@@ -221,22 +222,23 @@ def register_study_champion(
     uri: str, study: Any, template: str = "{study}", alias: str = CHAMPION_ALIAS
 ) -> Champion | None:
     """Register the adapter of the study's best configuration: the best mean over seeds
-    among the confirmed trials (finqa_exp/sweep/confirm.py), else the best complete trial;
-    None if it has none. The version's tags say which, and its mean, spread and seeds."""
-    from finqa_exp.sweep.confirm import confirmed
+    among the confirmed trials (finqa_exp/sweep/confirm.py), else the best complete trial
+    (by the first objective of a multi-objective study); None if it has none. The
+    version's tags say which, and its mean, spread and seeds."""
+    from finqa_exp.sweep.confirm import confirmed, top_trials
 
-    try:
-        best = study.best_trial
-    except (ValueError, RuntimeError):  # no complete trial, or a multi-objective study
+    top = top_trials(study, 1)  # by the first objective, in a multi-objective study
+    if not top:
         return None
-    values: tuple[float, ...] = ()
+    best, top_mean = top[0], None
     confirmations = confirmed(study)
     if confirmations:
-        best, values = confirmations[0].trial, confirmations[0].values
+        top_mean = confirmations[0]
+        best = top_mean.trial
     run_id = best.user_attrs.get(names.RUN_ID_ATTR)
     if run_id is None:
         return None
-    tags = champion_tags(study.study_name, best.number, float(best.value), values)
+    tags = champion_tags(study.study_name, best.number, float(best.values[0]), top_mean)
     return RunStore(uri).register_champion(
         champion_name(template, study.study_name), run_id, alias=alias, tags=tags
     )

@@ -120,16 +120,15 @@ class StudyRun:
             key = f"trials_{trial.state.name.lower()}"
             counts[key] = counts.get(key, 0) + 1
         self.tracker.run_id = parent
-        try:
-            best = study.best_trial
-        except ValueError:  # no complete trial (or multi-objective)
-            best = None
+        from finqa_exp.sweep.confirm import confirmed, top_trials
+
+        top_run = top_trials(study, 1)  # by the first objective of a multi-objective study
+        best = top_run[0] if top_run else None
         # Workers sharing a study end it together and write the same summary: each write
         # may lose a race to another worker's (retry_concurrent).
         if best is not None:
-            counts["best_value"] = float(best.value)
+            counts["best_value"] = float(best.values[0])
             counts["best_trial"] = float(best.number)
-            from finqa_exp.sweep.confirm import confirmed
 
             top = confirmed(study)
             if top:  # the best mean over seeds (finqa_exp/sweep/confirm.py)

@@ -14,6 +14,7 @@ import re
 import statistics
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,12 +214,21 @@ def log_run(tracker, cfg, study: str, number: int, fake: FakeTrial, adapter: Pat
     return run_id
 
 
-def write_study(root: Path, name: str, trials: list[FakeTrial], adapter: Path) -> optuna.Study:
-    """An Optuna study and its MLflow runs, as a sweep with these outcomes leaves them."""
+def write_study(
+    root: Path, name: str, trials: list[FakeTrial], adapter: Path, second: dict | None = None
+) -> optuna.Study:
+    """An Optuna study and its MLflow runs, as a sweep with these outcomes leaves them;
+    with ``second`` (trial number -> numeric accuracy), a study of two objectives."""
     (root / "studies").mkdir(exist_ok=True)
     study = optuna.create_study(
-        study_name=name, storage=f"sqlite:///{root}/studies/{name}.db", direction="maximize"
+        study_name=name,
+        storage=f"sqlite:///{root}/studies/{name}.db",
+        directions=["maximize"] * (2 if second else 1),
     )
+    if second:
+        with warnings.catch_warnings():  # experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["rougeL", "numeric_accuracy"])
     tracker = tracking.MlflowTracker(tracking_cfg(root))
     cfg = compose_cfg([f"paths.root_dir={root}"], root / "out")
     for number, fake in enumerate(trials):
@@ -235,7 +245,8 @@ def write_study(root: Path, name: str, trials: list[FakeTrial], adapter: Path) -
             FrozenTrial(
                 number=number,
                 state=fake.state,
-                value=fake.value,
+                value=None if second else fake.value,
+                values=[fake.value, second[number]] if second and fake.value else None,
                 datetime_start=None if fake.state == TrialState.WAITING else start,
                 datetime_complete=end,
                 params=fake.params,
@@ -288,6 +299,9 @@ def stores(tmp_path_factory) -> Path:
     write_study(root, "running", RUNNING, adapter)
     write_study(root, "broken", FAILED, adapter)
     write_study(root, "empty", [], adapter)
+    # Numeric accuracy as a second objective: trials 1 (best ROUGE-L) and 0 (best numeric
+    # accuracy) are the Pareto front; 4 is worse than both on both.
+    write_study(root, "two", TRIALS, adapter, second={0: 0.9, 1: 0.5, 4: 0.2})
     return root
 
 
@@ -549,7 +563,7 @@ def test_missing_study_lists_the_others_on_one_line(stores):
     assert proc.returncode == 2  # bad input
     assert proc.stderr.strip() == (
         f"error: no study 'nope' in {stores}/studies; "
-        "studies there: broken, empty, known, known2, running"
+        "studies there: broken, empty, known, known2, running, two"
     )
     assert not (stores / "studies" / "nope.db").exists()
 
@@ -564,6 +578,22 @@ def test_studies_side_by_side(stores):
     assert "compare.png" in md and (folder / "known2-history.png").is_file()
     store = tracking.RunStore(tracking_cfg(stores).uri)
     assert store.champion("known2").run_id == run_ids(stores, "known2")[1]
+
+
+def test_a_multi_objective_study_reports_its_pareto_front(stores):
+    md = (report.write_report(report_cfg(stores, "two")) / "report.md").read_text()
+    assert (
+        "- Objectives: `rougeL` (maximized), `numeric_accuracy` (maximized); the first ranks "
+        "the trials, 2 are on the Pareto front" in md
+    )
+    front = records(md, "trial")
+    assert [(r["trial"], r["rougeL"], r["numeric\\_accuracy"]) for r in front] == [
+        ("1", "0.4000", "0.5000"),
+        ("0", "0.3000", "0.9000"),
+    ]
+    assert [r[1] for r in table(md, "rank")] == ["1", "0", "4"]  # ranked by the first
+    store = tracking.RunStore(tracking_cfg(stores).uri)
+    assert store.champion("two").run_id == run_ids(stores, "two")[1]
 
 
 def test_study_shorthand_on_the_command_line():
