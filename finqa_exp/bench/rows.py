@@ -4,6 +4,8 @@ is only to report). Pure functions of what finqa_exp.bench.measure returned."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Any
 
 
@@ -196,6 +198,79 @@ def sweep_rows(
             "; ".join(notes) or "no noise measured",
         ),
     ]
+
+
+def confirmed_rows(runs: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The pruner judged on confirmed means: each sweep's winner is its best mean over seeds
+    (finqa_exp/sweep/confirm.py), and the pruned sweep's is "equal" when the gap is within
+    the 95 % half-width of a difference of two such means (1.96 x sd x sqrt(2 / seeds), sd
+    pooled over every confirmed configuration of both sweeps). Also: how often the pruner
+    stopped the configuration the unpruned sweep confirms as best."""
+    pairs = [
+        (on, next(r for r in runs if not r["pruner"] and r["seed"] == on["seed"]))
+        for on in runs
+        if on["pruner"]
+    ]
+    pairs = [(on, off) for on, off in pairs if on["confirmed"] and off["confirmed"]]
+    if not pairs:
+        return []
+    configs = [c for on, off in pairs for c in (*on["confirmed"], *off["confirmed"])]
+    variances = [statistics.variance(c["values"]) for c in configs if len(c["values"]) > 1]
+    n_seeds = min(len(c["values"]) for c in configs)
+    sd = math.sqrt(statistics.fmean(variances)) if variances else None
+    half = 1.96 * sd * math.sqrt(2 / n_seeds) if sd is not None else None
+    means_on = [on["confirmed"][0]["mean"] for on, _ in pairs]
+    means_off = [off["confirmed"][0]["mean"] for _, off in pairs]
+    gap = max(abs(a - b) for a, b in zip(means_on, means_off))
+    fates = [(on["seed"], stopped(on, off["confirmed"][0]["params"])) for on, off in pairs]
+    n_stopped = sum(fate.startswith("pruned") for _, fate in fates)
+    n_trials = pairs[0][0]["n_trials"]
+    sd_note = f"seed sd {sd:.4f} pooled over {len(variances)} configurations" if sd else "no sd"
+    return [
+        row(
+            f"sweep of {n_trials} trials: confirmed best ROUGE-L (mean of {n_seeds} seeds), "
+            "pruner on vs off (largest gap over seeds)",
+            device,
+            "tiny",
+            "rougeL",
+            statistics.fmean(means_on),
+            statistics.fmean(means_off),
+            gap,
+            "<= 95 % half-width of a difference of means"
+            + (f" ({half:.4f})" if half is not None else ""),
+            (gap <= half) if half is not None else None,
+            f"sampler seeds {[on['seed'] for on, _ in pairs]}; winners "
+            + "; ".join(
+                f"trial {on['confirmed'][0]['number']} {on['confirmed'][0]['mean']:.4f} vs trial "
+                f"{off['confirmed'][0]['number']} {off['confirmed'][0]['mean']:.4f}"
+                for on, off in pairs
+            )
+            + f"; {sd_note}",
+        ),
+        row(
+            f"sweep of {n_trials} trials: pruner stopped the unpruned sweep's confirmed best",
+            device,
+            "tiny",
+            "share",
+            None,
+            None,
+            n_stopped / len(pairs),
+            "report",
+            None,
+            "; ".join(f"seed {seed}: {fate}" for seed, fate in fates),
+        ),
+    ]
+
+
+def stopped(run: dict[str, Any], params: dict[str, Any]) -> str:
+    """What the sweep ``run`` did with ``params``: "pruned" (trial n), "completed", or
+    "not sampled" (its sampler never proposed them)."""
+    same = [t for t in run["trials"] if t.get("params") == params]
+    if not same:
+        return "not sampled"
+    if any(t["state"] == "PRUNED" for t in same):
+        return f"pruned (trial {next(t['number'] for t in same if t['state'] == 'PRUNED')})"
+    return "completed" if any(t["state"] == "COMPLETE" for t in same) else same[0]["state"]
 
 
 def overhead_rows(

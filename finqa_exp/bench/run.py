@@ -49,6 +49,8 @@ QUICK = {
     "sweep_trials": 2,
     "sweep_prefix": 1,
     "sweep_seeds": [0],
+    "confirm_top_k": 1,
+    "confirm_seeds": [1],
 }
 QUICK_TRIAL = ["train.epochs=1", "eval.max_questions=4", "eval.max_new_tokens=8"]
 
@@ -71,6 +73,10 @@ class BenchConfig:
     sweep_trials: int = 16
     sweep_prefix: int = 8
     sweep_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    # Each sweep of the pair confirms its top trials as the default study does (top 3, two
+    # more seeds): "equal best" is judged on the confirmed means.
+    confirm_top_k: int = 3
+    confirm_seeds: list[int] = field(default_factory=lambda: [1, 2])
     out_dir: str = "reports/bench"
 
     def __post_init__(self) -> None:
@@ -82,6 +88,11 @@ class BenchConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.sweep_trials < 2 or not self.sweep_seeds:
             raise ConfigError("sweep_trials must be >= 2 and sweep_seeds not empty")
+        if self.confirm_top_k < 1 or not self.confirm_seeds:
+            raise ConfigError(
+                f"confirm_top_k must be >= 1 and confirm_seeds not empty, got "
+                f"{self.confirm_top_k} and {self.confirm_seeds}"
+            )
         if not 1 <= self.sweep_prefix <= self.sweep_trials:
             raise ConfigError(
                 f"sweep_prefix must be in [1, sweep_trials={self.sweep_trials}], "
@@ -152,8 +163,11 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
                 for pruner in (True, False):
                     name = f"bench_seed{seed}_{'pruned' if pruner else 'full'}"
                     log.info("sweep %s: %d trials", name, bc.sweep_trials)
+                    confirm = sweeps.confirm_overrides(bc.confirm_top_k, bc.confirm_seeds)
                     runs.append(
-                        sweeps.sweep_run(root, cache, name, seed, bc.sweep_trials, pruner, extra)
+                        sweeps.sweep_run(
+                            root, cache, name, seed, bc.sweep_trials, pruner, [*confirm, *extra]
+                        )
                     )
             raw["sweeps"] = runs
             lengths = sorted({n for n in (bc.sweep_prefix, bc.sweep_trials) if n >= 2})
@@ -169,6 +183,7 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
                     noise.append(retrained[key])
                 raw["seed_noise"][str(n)] = noise
                 rows += table.sweep_rows(cut, device, noise)
+            rows += table.confirmed_rows(runs, device)
             sweep_overhead = sweeps.overhead_of_sweep(next(r for r in runs if not r["pruner"]))
             raw["sweep_overhead"] = sweep_overhead
         if "trial" in bc.sections:

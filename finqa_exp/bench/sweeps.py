@@ -58,7 +58,7 @@ def sweep_run(
         "-m",
         f"hydra.sweeper.study_name={name}",
         f"hydra.sweeper.n_trials={n_trials}",
-        "hydra.sweeper.confirm.top_k=0",  # the pair compares single-run studies
+        "hydra.sweeper.confirm.top_k=0",  # unless extra confirms (confirm_overrides)
         f"hydra.sweeper.sampler.seed={seed}",
         f"hydra.sweep.dir={root}/multirun/{name}",
         *([] if pruner else ["hydra/sweeper/pruner=none"]),
@@ -86,6 +86,7 @@ def sweep_run(
         )
     done = [t for t in trials if t["value"] is not None]
     return {
+        "confirmed": confirmed_configs(study),
         "seed": seed,
         "pruner": pruner,
         "n_trials": n_trials,
@@ -100,6 +101,30 @@ def sweep_run(
         },
         "trials": trials,
     }
+
+
+def confirm_overrides(top_k: int, seeds: list[int]) -> list[str]:
+    """A sweep's confirmation of its top ``top_k`` with ``seeds``, as command-line overrides."""
+    return [
+        f"hydra.sweeper.confirm.top_k={top_k}",
+        f"hydra.sweeper.confirm.seeds=[{','.join(str(s) for s in seeds)}]",
+    ]
+
+
+def confirmed_configs(study: Any) -> list[dict[str, Any]]:
+    """The study's confirmed configurations, best mean first, as the bench records them."""
+    from finqa_exp.sweep.confirm import confirmed
+
+    return [
+        {
+            "number": c.trial.number,
+            "params": c.trial.params,
+            "values": list(c.values),
+            "mean": c.mean,
+            "std": c.std,
+        }
+        for c in confirmed(study)
+    ]
 
 
 def first_trials(run: dict[str, Any], n: int) -> dict[str, Any]:

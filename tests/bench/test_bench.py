@@ -58,6 +58,38 @@ def test_sweep_rows_judge_saving_and_best_against_the_noise_of_two_seeds():
     assert table.sweep_rows(runs, "cpu")[2]["met"] is None  # no noise measured: no verdict
 
 
+def confirmed_sweep(seed, pruner, trials, confirmed):
+    return {"seed": seed, "pruner": pruner, "n_trials": len(trials), "trials": trials,
+            "confirmed": confirmed}  # fmt: skip
+
+
+def test_confirmed_rows_judge_the_pruner_on_means_over_seeds():
+    a, b, c = {"lr": 1}, {"lr": 2}, {"lr": 3}
+    on = confirmed_sweep(
+        0, True,
+        [{"number": 0, "params": a, "state": "COMPLETE"},
+         {"number": 1, "params": b, "state": "PRUNED"}],
+        [{"number": 0, "params": a, "values": [0.30, 0.32, 0.34], "mean": 0.32, "std": 0.02}],
+    )  # fmt: skip
+    off = confirmed_sweep(
+        0, False,
+        [{"number": 0, "params": a, "state": "COMPLETE"},
+         {"number": 1, "params": b, "state": "COMPLETE"}],
+        [{"number": 1, "params": b, "values": [0.33, 0.35, 0.37], "mean": 0.35, "std": 0.02},
+         {"number": 0, "params": a, "values": [0.30, 0.32, 0.34], "mean": 0.32, "std": 0.02}],
+    )  # fmt: skip
+    best, fate = table.confirmed_rows([on, off], "cpu")
+    assert (best["ours"], best["baseline"]) == (0.32, 0.35)
+    assert best["value"] == pytest.approx(0.03)
+    half = 1.96 * 0.02 * (2 / 3) ** 0.5  # the sd of every configuration is 0.02
+    assert f"({half:.4f})" in best["target"]
+    assert best["met"] is True  # 0.03 <= 0.0320: within the noise of 3-seed means
+    assert fate["value"] == 1.0 and fate["note"] == "seed 0: pruned (trial 1)"
+    off["confirmed"][0]["params"] = c  # a best the pruned sweep never sampled
+    assert table.confirmed_rows([on, off], "cpu")[1]["note"] == "seed 0: not sampled"
+    assert table.confirmed_rows([on, {**off, "confirmed": []}], "cpu") == []
+
+
 def test_first_trials_of_a_sweep_are_the_shorter_sweep():
     run = sweep(0, False, [10, 10, 10, 10], 0.31)
     for t, value in zip(run["trials"], [0.2, 0.25, 0.31, None]):
@@ -123,6 +155,13 @@ def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path
     assert noise["noise"] == abs(noise["value_other_seed"] - noise["value"])
     best = find("sweep of 2 trials: best ROUGE-L")
     assert best["met"] == (best["value"] <= noise["noise"])
+    # Each sweep confirmed its best with seed 1; the pair is judged on those means.
+    assert all(len(r["confirmed"]) == 1 and len(r["confirmed"][0]["values"]) == 2 for r in runs)
+    confirmed = find("sweep of 2 trials: confirmed best ROUGE-L")
+    means = [r["confirmed"][0]["mean"] for r in runs]
+    assert (confirmed["ours"], confirmed["baseline"]) == (means[0], means[1])
+    assert confirmed["value"] == abs(means[0] - means[1])
+    assert find("sweep of 2 trials: pruner stopped")["note"].startswith("seed 0: ")
 
     cold = raw["cold_trial"]
     assert 0 < cold["work_seconds"] < cold["command_seconds"]
