@@ -28,6 +28,7 @@ mean); every objective's values are recorded.
 trial, e.g. more of its trials, or with more seeds::
 
     python -m finqa_exp -m hydra.sweeper.confirm.only=true hydra.sweeper.confirm.top_k=5
+
 :func:`confirmed` turns both studies into each configuration's values over its seeds, for
 whoever picks the winner.
 """
@@ -251,6 +252,7 @@ class ConfirmRun:
             for number, outcome in zip(run, outcomes):
                 heartbeat.discard(number)
                 self._finish(confirm, trials[number], outcome)
+        self._check_failures()
 
     def _overrides(self, trial: FrozenTrial) -> list[str]:
         seed_key = self.settings.seed_key
@@ -280,6 +282,10 @@ class ConfirmRun:
             )  # fmt: skip
         if frozen is not None:
             notify(self.callbacks, "on_trial_end", confirm, frozen)
+
+    def _check_failures(self) -> None:
+        """SweepError once this pass's failures exceed max_failure_rate x the pairs queued
+        (checked after each batch is told, so no batch is left RUNNING)."""
         allowed = self.sweep.max_failure_rate * self.queued
         if len(self.failures) > allowed:
             raise SweepError(

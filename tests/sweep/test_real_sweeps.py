@@ -49,10 +49,16 @@ SMALL = [
 ]
 
 
-def sweep(root: Path, *args: str) -> subprocess.CompletedProcess:
+def sweep_command(root: Path, cache_dir: Path, *args: str) -> list[str]:
+    # The session's cache: the tiny base is built once, not once per test (~40 s each).
+    multirun, cache = f"hydra.sweep.dir={root}/multirun", f"paths.cache_dir={cache_dir}"
+    return [sys.executable, "-m", "finqa_exp", "-m", multirun, cache, *args]
+
+
+def sweep(root: Path, cache_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "FINQA_EXP_ROOT": str(root)}
     return subprocess.run(
-        [sys.executable, "-m", "finqa_exp", "-m", f"hydra.sweep.dir={root}/multirun", *args],
+        sweep_command(root, cache_dir, *args),
         cwd=root,
         env=env,
         capture_output=True,
@@ -61,8 +67,8 @@ def sweep(root: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_small_sweep_over_real_trials(tmp_path):
-    proc = sweep(tmp_path, *SMALL)
+def test_small_sweep_over_real_trials(tmp_path, cache_dir):
+    proc = sweep(tmp_path, cache_dir, *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     study = optuna.load_study(
@@ -140,7 +146,7 @@ def files_digest(folder: Path) -> dict[str, str]:
     }
 
 
-def test_kill_9_mid_sweep_then_the_same_command_finishes_the_study(tmp_path):
+def test_kill_9_mid_sweep_then_the_same_command_finishes_the_study(tmp_path, cache_dir):
     args = [
         "train.epochs=3",
         "train.batch_size=8",
@@ -153,7 +159,7 @@ def test_kill_9_mid_sweep_then_the_same_command_finishes_the_study(tmp_path):
         "hydra.sweeper.grace_period=5",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "FINQA_EXP_ROOT": str(tmp_path)}
-    cmd = [sys.executable, "-m", "finqa_exp", "-m", f"hydra.sweep.dir={tmp_path}/multirun", *args]
+    cmd = sweep_command(tmp_path, cache_dir, *args)
     storage = f"sqlite:///{tmp_path}/studies/finqa_tiny_finqa_sample.db"
     first = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -177,7 +183,7 @@ def test_kill_9_mid_sweep_then_the_same_command_finishes_the_study(tmp_path):
     assert killed_at == 1, "the sweep finished before it could be killed"
     before = files_digest(tmp_path / "multirun" / "0")
 
-    again = sweep(tmp_path, *args)
+    again = sweep(tmp_path, cache_dir, *args)
     assert again.returncode == 0, again.stderr[-3000:]
 
     trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
