@@ -35,7 +35,9 @@ def objective_text(data: StudyData) -> Text:
     parts: list[Any] = ["Objectives: "]
     for i, (name, up) in enumerate(zip(data.objectives, data.maximizes)):
         parts += [", " if i else "", Code(name), f" ({_way(up)})"]
-    parts.append(f"; the first ranks the trials, {len(data.pareto)} are on the Pareto front")
+    n = len(data.pareto)
+    parts.append(f"; the first ranks the trials; {plural(n, 'trial')} {'is' if n == 1 else 'are'}")
+    parts.append(" on the Pareto front")
     return tuple(parts)
 
 

@@ -584,7 +584,7 @@ def test_a_multi_objective_study_reports_its_pareto_front(stores):
     md = (report.write_report(report_cfg(stores, "two")) / "report.md").read_text()
     assert (
         "- Objectives: `rougeL` (maximized), `numeric_accuracy` (maximized); the first ranks "
-        "the trials, 2 are on the Pareto front" in md
+        "the trials; 2 trials are on the Pareto front" in md
     )
     front = records(md, "trial")
     assert [(r["trial"], r["rougeL"], r["numeric\\_accuracy"]) for r in front] == [
