@@ -4,8 +4,10 @@ local paths offline (the hub is never asked)."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,23 +133,24 @@ def test_a_broken_metric_names_itself(tmp_path):
         metrics.load([str(folder)])
 
 
-def test_the_trial_refuses_a_missing_metric_before_any_model_loads(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "finqa_exp", "eval.metrics=[./nope]", "tracking=none"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**__import__("os").environ, "FINQA_EXP_ROOT": str(tmp_path)},
+def finqa(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m finqa_exp *args`` run by a user in ``root``."""
+    return subprocess.run(
+        [sys.executable, "-m", "finqa_exp", *args],
+        cwd=root, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "FINQA_EXP_ROOT": str(root)},
     )  # fmt: skip
+
+
+def test_the_trial_refuses_a_missing_metric_before_any_model_loads(tmp_path):
+    proc = finqa(tmp_path, "eval.metrics=[./nope]", "tracking=none")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: eval.metrics: no metric file or folder at ./nope"
     assert not (tmp_path / ".cache").exists()  # no model built
 
 
 def test_an_objective_that_is_not_logged_is_refused_before_any_model_loads(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "finqa_exp", "objective.metric=numeric_acuracy", "tracking=none"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**__import__("os").environ, "FINQA_EXP_ROOT": str(tmp_path)},
-    )  # fmt: skip
+    proc = finqa(tmp_path, "objective.metric=numeric_acuracy", "tracking=none")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().startswith(
         "error: objective.metric=numeric_acuracy is not a metric a trial logs: the scores are "
@@ -158,12 +161,7 @@ def test_an_objective_that_is_not_logged_is_refused_before_any_model_loads(tmp_p
 
 
 def test_a_sweep_refuses_a_missing_metric_before_its_first_trial(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "finqa_exp", "-m", "eval.metrics=[./nope]",
-         f"hydra.sweep.dir={tmp_path}/multirun"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**__import__("os").environ, "FINQA_EXP_ROOT": str(tmp_path)},
-    )  # fmt: skip
+    proc = finqa(tmp_path, "-m", "eval.metrics=[./nope]", f"hydra.sweep.dir={tmp_path}/multirun")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().endswith("error: eval.metrics: no metric file or folder at ./nope")
     assert not (tmp_path / "studies").exists()  # no study, so zero trials

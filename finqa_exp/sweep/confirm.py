@@ -51,6 +51,7 @@ from finqa_exp.sweep.job import Heartbeat, TrialJob
 from finqa_exp.sweep.search_space import SearchSpace, format_value, trial_overrides
 from finqa_exp.sweep.study_book import (
     Outcome,
+    check_failure_budget,
     contiguous_runs,
     describe,
     fail_trial,
@@ -58,7 +59,6 @@ from finqa_exp.sweep.study_book import (
     last_beat,
     tell,
 )
-from finqa_exp.sweep.study_setup import SweepError
 
 log = logging.getLogger(__name__)
 
@@ -286,13 +286,8 @@ class ConfirmRun:
     def _check_failures(self) -> None:
         """SweepError once this pass's failures exceed max_failure_rate x the pairs queued
         (checked after each batch is told, so no batch is left RUNNING)."""
-        allowed = self.sweep.max_failure_rate * self.queued
-        if len(self.failures) > allowed:
-            raise SweepError(
-                f"{len(self.failures)} confirmations failed in this sweep, more than "
-                f"max_failure_rate {self.sweep.max_failure_rate} x {self.queued} queued = "
-                f"{allowed:g}; stopping. Last: {self.failures[-1]}"
-            )
+        rate = self.sweep.max_failure_rate
+        check_failure_budget(self.failures, rate, self.queued, "confirmations", "pairs queued")
 
     def _fail_stale(self, confirm: optuna.Study) -> None:
         now = time.time()

@@ -22,6 +22,7 @@ from finqa_exp.sweep.search_space import trial_overrides as params_to_overrides
 from finqa_exp.sweep.study_book import (
     SURPLUS_ATTR,
     Outcome,
+    check_failure_budget,
     contiguous_runs,
     describe,
     ending_line,
@@ -36,7 +37,7 @@ from finqa_exp.sweep.study_book import (
     trials_to_ask,
     within_total,
 )
-from finqa_exp.sweep.study_setup import SweepError, suggest
+from finqa_exp.sweep.study_setup import suggest
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +194,5 @@ class SweepRun:
             notify(self.callbacks, "on_trial_end", self.study, frozen)
 
     def _check_failures(self) -> None:
-        allowed = self.sweep.max_failure_rate * self.n_trials
-        if len(self.failures) > allowed:
-            raise SweepError(
-                f"{len(self.failures)} trials failed in this sweep, more than max_failure_rate "
-                f"{self.sweep.max_failure_rate} x n_trials {self.n_trials} = {allowed:g}; "
-                f"stopping. Last: {self.failures[-1]}"
-            )
+        rate = self.sweep.max_failure_rate
+        check_failure_budget(self.failures, rate, self.n_trials, "trials", "n_trials")

@@ -25,6 +25,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from finqa_exp.sweep.study_setup import SweepError
+
 FAIL_REASON = "fail_reason"  # user attr of a FAIL trial
 HEARTBEAT_ATTR = "finqa_optuna:heartbeat"
 SURPLUS_ATTR = "finqa_optuna:surplus"
@@ -103,6 +105,19 @@ class Outcome:
     values: list[float] | None = None
     reason: str | None = None
     error: BaseException | None = field(default=None, compare=False)  # for the log's traceback
+
+
+def check_failure_budget(
+    failures: Sequence[str], rate: float, total: int, kind: str, total_name: str
+) -> None:
+    """SweepError once this run's ``failures`` (of ``kind``: "trials") exceed max_failure_rate
+    ``rate`` x ``total`` (named ``total_name``: "n_trials")."""
+    allowed = rate * total
+    if len(failures) > allowed:
+        raise SweepError(
+            f"{len(failures)} {kind} failed in this sweep, more than max_failure_rate {rate} x "
+            f"{total_name} {total} = {allowed:g}; stopping. Last: {failures[-1]}"
+        )
 
 
 def describe(error: BaseException) -> str:
