@@ -116,6 +116,20 @@ def load_base_model(
     return base
 
 
+def hub_commit(name_or_path: str | None, revision: str | None) -> str | None:
+    """The commit a hub model was loaded at, read from the local hub cache (its ``refs/``,
+    written by the load; no network); None for a folder or when the cache does not say."""
+    if not name_or_path or Path(name_or_path).exists():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        found = HfApi().resolve_revision(name_or_path, revision=revision, local_files_only=True)
+    except Exception:  # not in this cache (another cache_dir, a gated repo never loaded)
+        return None
+    return getattr(found, "resolved", None)
+
+
 def keep_cpu_4bit_trainable(model: Any) -> None:
     """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
 

@@ -95,10 +95,12 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
         check_objective(conf, metrics)
         with run.phase("save"):  # before the scores: a run without its adapter has none
             adapter_dir = save_adapter(conf, adapter, base.tokenizer, tracker)
+        samples = evaluation.sample_rows(test, before, after)
+        with run.phase("log_model"):
+            model_id = log_served_model(conf, base, adapter_dir, samples, tracker, name)
         with run.phase("record"):
-            tracker.log_metrics(metrics)
+            tracker.log_metrics(metrics, model_id=model_id)  # the run's, and its model's
             tracker.set_tags({names.PEAK_MEMORY_KIND_TAG: peak.kind})
-            samples = evaluation.sample_rows(test, before, after)
             tracker.log_table(samples[: conf.eval.num_samples], names.SAMPLES_ARTIFACT)
             tracker.log_table(evaluation.score_table(test, before, after), names.SCORES_ARTIFACT)
         values = [metrics[m] for m in conf.objective.metrics]
@@ -227,6 +229,34 @@ def save_adapter(
     if conf.tracking.log_adapter:
         tracker.log_artifacts(adapter_dir, names.ADAPTER_ARTIFACT)
     return adapter_dir
+
+
+def log_served_model(
+    conf: FinqaConfig,
+    base: modeling.Base,
+    adapter_dir: Path,
+    samples: list[dict[str, str]],
+    tracker: tracking.Tracker,
+    name: str,
+) -> str | None:
+    """The tuned model as an MLflow pyfunc model of the run (finqa_exp/serving): what
+    ``mlflow models serve``, ``ask`` and the app load; its example is a test question and
+    the tuned answer."""
+    if not conf.tracking.log_adapter:
+        return None
+    from finqa_exp import modeling, serving
+    from finqa_exp.serving import spec
+
+    # The hub commit the base was loaded at (None for a folder): the served model loads it.
+    revision = modeling.hub_commit(conf.model.name_or_path, conf.model.revision)
+    settings = spec.settings_for(conf, revision, tracker.run_id)
+    first = samples[0] if samples else {"question": spec.EXAMPLE_QUESTION, "tuned_answer": ""}
+    return tracker.log_model(
+        name, serving.MODEL_CODE, spec.artifacts_for(adapter_dir, base.source, settings),
+        settings.to_dict(), ([first["question"]], [first["tuned_answer"]]),
+        {"max_new_tokens": settings.max_new_tokens},
+        {names.MODEL_TAG: conf.model.name, names.DATA_TAG: conf.data.name},
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -19,9 +19,11 @@ LAYERS = [
     {"data", "prompts", "metrics", "stats"},
     {"modeling", "tiny"},
     {"training", "evaluation"},
+    {"serving"},
     {"trial"},
     {"report", "bench"},
     {"__main__", "ask"},
+    {"app"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 MODULES = sorted(PACKAGE.rglob("*.py"))

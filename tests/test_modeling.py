@@ -128,3 +128,21 @@ def test_checkpointing_trains_to_the_same_losses_by_computing_layers_twice(toy, 
     assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5)
     # The cost: each layer's forward runs again during the backward pass.
     assert ckpt_calls == 2 * plain_calls
+
+
+def test_hub_commit_reads_the_commit_a_load_left_in_the_hub_cache(tmp_path, monkeypatch):
+    """What a served model records of a hub base: the commit, from the cache, offline."""
+    from huggingface_hub import constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--fin"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert modeling.hub_commit("org/fin", None) == sha
+    assert modeling.hub_commit("org/fin", "main") == sha
+    assert modeling.hub_commit("org/never-loaded", None) is None
+    assert modeling.hub_commit(str(tmp_path), None) is None  # a folder has no commit
+    assert modeling.hub_commit(None, None) is None  # the tiny model

@@ -160,6 +160,33 @@ def test_logged_adapter_reproduces_the_logged_rouge(default_trial, tmp_path):
         assert scores[key] == pytest.approx(logged[key], abs=1e-9), key
 
 
+def test_logged_model_answers_as_the_trial_scored_it(default_trial):
+    """The run's MLflow model (what `mlflow models serve` and the champion are), loaded by
+    mlflow.pyfunc, gives the answers whose ROUGE the trial logged."""
+    import mlflow
+
+    cfg, result = default_trial
+    conf = validate(cfg)
+    client = MlflowClient(conf.tracking.uri)
+    run = client.get_run(result.run_id)
+    (output,) = run.outputs.model_outputs
+    model_info = client.get_logged_model(output.model_id)
+    assert model_info.source_run_id == result.run_id and model_info.name == run.info.run_name
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(conf.tracking.uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    finally:
+        mlflow.set_tracking_uri(old)
+    test = data_lib.load_splits(conf.data).test[: conf.eval.max_questions]
+    answers = model.predict([p.question for p in test])
+    scores = evaluation.rouge(answers, [p.answer for p in test])
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert scores[key] == pytest.approx(run.data.metrics[key], abs=1e-9), key
+    assert [t.name for t in model.metadata.get_input_schema().input_types()] == ["string"]
+    assert model.metadata.get_params_schema().params[0].name == "max_new_tokens"
+
+
 def test_trial_on_a_question_answer_csv(make_cfg, tmp_path):
     rows = data_lib.read_table(data_lib.bundled_path())[:80]
     path = tmp_path / "pairs.csv"

@@ -8,10 +8,12 @@ and folders, end the run with a status); ``tracking=none`` swaps in
     mlflow ui --backend-store-uri sqlite:///mlflow.db
 
 By job: ``runs`` writes runs; ``trial_run`` is a trial's run from start to how it ended;
-``study_run`` the sweep's parent run; ``store`` reads runs back (reports, ``ask``) and
-registers champions; ``reach`` checks the store can be reached and masks passwords;
-``environment`` tags a run with its commit, versions and device; ``names`` holds the names
-records go under. Only this package imports mlflow.
+``study_run`` the sweep's parent run; ``models`` logs a trial's MLflow model and reads it
+back; ``store`` reads runs back (reports, ``ask``) and registers champions; ``reach``
+checks the store can be reached and masks passwords; ``environment`` tags a run with its
+commit, versions and device; ``names`` holds the names records go under. Only this package
+imports mlflow, besides the model file that MLflow itself loads
+(finqa_exp/serving/pyfunc_model.py).
 """
 
 from finqa_exp.tracking import names

@@ -23,11 +23,16 @@ class Tracker(Protocol):
         self, run_name: str | None, tags: dict[str, str], parent_run_id: str | None = None
     ) -> str | None: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_metrics(
+        self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None
+    ) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None: ...
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None: ...
+    def log_model(self, name: str, code_path: str | Path, artifacts: dict[str, str],
+                  model_config: dict[str, Any], example: tuple[list[str], list[str]],
+                  params: dict[str, Any], tags: dict[str, str]) -> str | None: ...  # fmt: skip
     def end_run(self, status: str) -> None: ...
 
 
@@ -42,7 +47,7 @@ class NullTracker:
     def log_params(self, params):
         pass
 
-    def log_metrics(self, metrics, step=None):
+    def log_metrics(self, metrics, step=None, model_id=None):
         pass
 
     def set_tags(self, tags):
@@ -56,6 +61,9 @@ class NullTracker:
 
     def log_artifacts(self, local_dir, artifact_path):
         pass
+
+    def log_model(self, name, code_path, artifacts, model_config, example, params, tags):
+        return None
 
     def end_run(self, status):
         pass
@@ -111,11 +119,12 @@ class MlflowTracker:
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
-    def log_metrics(self, metrics, step=None):
+    def log_metrics(self, metrics, step=None, model_id=None):
+        """``model_id``: the metrics are also the logged model's (its UI page lists them)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, step or 0, model_id=model_id) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags):
@@ -132,6 +141,15 @@ class MlflowTracker:
 
     def log_artifacts(self, local_dir, artifact_path):
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_model(self, name, code_path, artifacts, model_config, example, params, tags):
+        """A pyfunc model linked to this run (tracking/models.py); returns its id."""
+        from finqa_exp.tracking.models import log_pyfunc_model
+
+        return log_pyfunc_model(
+            self.client, self.experiment_id, self.run_id, name, code_path, artifacts,
+            model_config, example, params, tags,
+        )  # fmt: skip
 
     def end_run(self, status):
         if self.run_id is not None:

@@ -41,6 +41,10 @@ class Champion:
     run_id: str
     alias: str
     created: bool = False  # True when this call registered a new version
+    # The MLflow model it is (tracking/models.py); None for a bare adapter folder (a run
+    # logged before trials logged models, or with tracking.log_adapter=false).
+    model_id: str | None = None
+    source: str | None = None  # where the version's files are
 
 
 class RunStore:
@@ -130,7 +134,30 @@ class RunStore:
             version = self.client.get_model_version_by_alias(model_name, alias)
         except MlflowException:
             return None
-        return Champion(model_name, str(version.version), version.run_id, alias)
+        return Champion(
+            model_name, str(version.version), version.run_id, alias,
+            model_id=model_id_of(version.source), source=version.source,
+        )  # fmt: skip
+
+    def model_location(self, model_id: str) -> str:
+        """Where a logged model's files are (its artifact location)."""
+        return self.client.get_logged_model(model_id).artifact_location
+
+    def version_tags(self, champ: Champion) -> dict[str, str]:
+        """The registered version's tags (study, trial, objective, confirmed mean)."""
+        return dict(self.client.get_model_version(champ.model_name, champ.version).tags)
+
+    def logged_model(self, run_id: str) -> Any | None:
+        """The run's logged MLflow model (tracking/models.py), or None."""
+        from finqa_exp.tracking.models import run_model
+
+        return run_model(self.client, run_id)
+
+    def download_model(self, source: str, dst: str | Path) -> Path:
+        """A logged model's folder (``source``: a version's or a model's location)."""
+        from finqa_exp.tracking.models import download_model
+
+        return download_model(self.uri, source, dst)
 
     def champions(self, alias: str = CHAMPION_ALIAS) -> list[Champion]:
         """Every registered model that has ``alias``, by name."""
@@ -150,18 +177,22 @@ class RunStore:
         alias: str = CHAMPION_ALIAS,
         tags: dict[str, str] | None = None,
     ) -> Champion:
-        """Point ``alias`` of ``model_name`` at the run's ``artifact_path``; idempotent.
+        """Point ``alias`` of ``model_name`` at the run's logged model; idempotent.
 
-        Nothing is written when the alias already points at this run with these tags; a run
-        registered before (the champion moved away and back) gets its old version again, so
-        versions stay one per run, with its tags brought up to date (a confirmation since
-        may have changed its mean).
+        A run with no logged model (logged before trials logged models) registers its
+        ``artifact_path`` folder instead, which ``ask`` can use but MLflow cannot serve.
+        Nothing is written when the alias already points at this run's model with these
+        tags; a run registered before (the champion moved away and back) gets its old
+        version again, so versions stay one per model, with its tags brought up to date (a
+        confirmation since may have changed its mean).
         """
+        model = self.logged_model(run_id)
+        model_id = model.model_id if model is not None else None
         current = self.champion(model_name, alias)
-        if current is not None and current.run_id == run_id:
+        if current is not None and current.run_id == run_id and current.model_id == model_id:
             self._update_tags(model_name, current.version, tags or {})
             return current
-        if not self.has_artifact(run_id, artifact_path):
+        if model is None and not self.has_artifact(run_id, artifact_path):
             raise TrackingError(f"run {run_id} has no '{artifact_path}' artifact to register")
         from mlflow.exceptions import MlflowException
 
@@ -173,24 +204,45 @@ class RunStore:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
         quoted = model_name.replace("'", "\\'")
-        earlier = self.client.search_model_versions(
-            f"name = '{quoted}' and run_id = '{run_id}'", order_by=["version_number ASC"]
-        )
+        earlier = [
+            v
+            for v in self.client.search_model_versions(
+                f"name = '{quoted}' and run_id = '{run_id}'", order_by=["version_number ASC"]
+            )
+            if model_id_of(v.source) == model_id
+        ]
         if earlier:
-            version, created = str(earlier[0].version), False
+            version, created, source = str(earlier[0].version), False, earlier[0].source
             self._update_tags(model_name, version, tags or {})
         else:
-            source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-            mv = self.client.create_model_version(model_name, source, run_id=run_id, tags=tags)
+            if model is not None:
+                source = model.model_uri  # models:/<id>: the UI links version and model
+            else:
+                source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+            # MLflow's SQL registry looks a models:/ source up through the global tracking
+            # URI (a TODO of theirs), not this client's: point it at this store meanwhile.
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+            with _use_tracking_uri(self.uri):
+                mv = self.client.create_model_version(
+                    model_name, source, run_id=run_id, tags=tags, model_id=model_id
+                )
             version, created = str(mv.version), True
         self.client.set_registered_model_alias(model_name, alias, version)
-        return Champion(model_name, version, run_id, alias, created)
+        return Champion(model_name, version, run_id, alias, created, model_id, source)
 
     def _update_tags(self, model_name: str, version: str, tags: dict[str, str]) -> None:
         have = self.client.get_model_version(model_name, version).tags
         for key, value in tags.items():
             if have.get(key) != value:
                 self.client.set_model_version_tag(model_name, version, key, value)
+
+
+def model_id_of(source: str | None) -> str | None:
+    """The logged model a registry version's source names (``models:/m-...``), or None."""
+    if source and source.startswith("models:/m-"):
+        return source.removeprefix("models:/").split("/")[0]
+    return None
 
 
 def champion_name(template: str, study_name: str) -> str:
