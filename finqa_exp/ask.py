@@ -1,24 +1,26 @@
-"""Use the winner: answer questions with a study's champion, or export it merged for serving.
+"""Use the winner: answer questions with a study's champion, or export it for the hub.
 
     python -m finqa_exp.ask "What is EBITDA?"                       # the registered champion
     python -m finqa_exp.ask "What is EBITDA?" "What is a bond?" --model finqa_tiny_finqa_sample
     python -m finqa_exp.ask "What is EBITDA?" --run-id RUN_ID       # any trial's run
-    python -m finqa_exp.ask --export-merged DIR                      # base + adapter, merged
+    python -m finqa_exp.ask --export DIR                             # adapter + model card
+    python -m finqa_exp.ask --export DIR --merged                    # base + adapter, merged
+    python -m finqa_exp.ask --export DIR --push-to-hub user/finqa-lora
     python -m finqa_exp.ask "What is EBITDA?" tracking.uri=sqlite:////abs/mlflow.db
 
 The champion is the version that alias ``champion`` of a registered model points at (set by
 ``python -m finqa_exp.report`` and at the end of every sweep); with no ``--model``, the one
-registered model that has the alias. Everything else comes from the run itself: its logged
-``config.yaml`` says which base model (for the offline tiny model: rebuilt or reused from the
-cache exactly as the trial built it, from the same data split), how it was quantized and the
-prompt template; its ``adapter/`` holds the LoRA weights and the tokenizer. Answers are
-greedy, as in evaluation. ``key=value`` arguments override ``conf/ask.yaml``.
+registered model that has the alias. It is the trial's logged MLflow model
+(finqa_exp/serving), loaded by the same code as ``mlflow models serve`` and
+``mlflow.pyfunc.load_model``: its base (bundled, or a hub id at its commit), quantization,
+prompt template and adapter. A run logged before trials logged models is rebuilt from its
+``config.yaml`` and ``adapter/`` (the tiny base from the cache, from the same data split).
+Answers are greedy, as in evaluation. ``key=value`` arguments override ``conf/ask.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -26,29 +28,25 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from finqa_exp.config import (
-    ConfigError,
-    FinqaConfig,
-    PathsConfig,
-    QuantConfig,
-    TrackingConfig,
-    validate,
-)
+from finqa_exp.config import ConfigError, FinqaConfig, PathsConfig, TrackingConfig, validate
 from finqa_exp.errors import BadInput, exit_on_bad_input, hydra_error_line
-from finqa_exp.tracking import CHAMPION_ALIAS, RunStore, names, redact
+from finqa_exp.serving import answerer, hub, spec
+from finqa_exp.serving import export as export_lib
+from finqa_exp.serving.card import CardFacts
+from finqa_exp.serving.spec import ServeSettings
+from finqa_exp.tracking import CHAMPION_ALIAS, Champion, RunStore, names, redact
+from finqa_exp.tracking.models import read_model
 
 log = logging.getLogger("finqa_exp.ask")
 
 # A Hydra override (`tracking.uri=...`, `+x=1`, `~y`), as opposed to a question.
 _OVERRIDE = re.compile(r"^(~|\+{1,2})?[A-Za-z_][\w.@/-]*(=|$)")
-EXPORT_INFO = "finqa_export.json"
 
 
 class AskError(BadInput, RuntimeError):
@@ -70,8 +68,12 @@ class AskConfig:
     max_new_tokens: int | None = None
     # null: the trial's eval.batch_size (the same batches give the trial's very answers).
     batch_size: int | None = None
-    # A folder to write the merged model to, instead of answering.
-    export_merged: str | None = None
+    # A folder to export to (--export), the merged model rather than the adapter (--merged),
+    # a hub repo to upload it to (--push-to-hub) and the card's licence (--license).
+    export: str | None = None
+    merged: bool = False
+    push_to_hub: str | None = None
+    license: str | None = None
 
 
 ConfigStore.instance().store(name="ask_schema", node=AskConfig)
@@ -79,12 +81,15 @@ ConfigStore.instance().store(name="ask_schema", node=AskConfig)
 
 @dataclass(frozen=True)
 class Winner:
-    """A trial's run as a model: what was asked for, its logged config and adapter folder."""
+    """A trial's run as a model: its logged config, its parts and settings (the logged
+    model's, or rebuilt from the run for one logged before models were)."""
 
     run_id: str
     label: str
     conf: FinqaConfig
-    adapter_dir: Path
+    artifacts: dict[str, str]
+    settings: ServeSettings
+    version_tags: dict[str, str]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -118,12 +123,13 @@ def compose(overrides: Sequence[str]) -> AskConfig:
 # ----------------------------------------------------------------------------- the run
 
 
-def resolve_run(conf: AskConfig, store: RunStore) -> tuple[str, str]:
-    """The run id to load and how to name it: ``--run-id``, or the alias's version."""
+def resolve_run(conf: AskConfig, store: RunStore) -> tuple[str, str, Champion | None]:
+    """The run to load, how to name it, and the registry version: ``--run-id``, or the
+    alias's version."""
     if conf.run_id:
         if store.run(conf.run_id) is None:
             raise AskError(f"no run {conf.run_id} in {redact(store.uri)}")
-        return conf.run_id, f"run {conf.run_id}"
+        return conf.run_id, f"run {conf.run_id}", None
     where = redact(store.uri)
     if conf.registered_model:
         champ = store.champion(conf.registered_model, conf.alias)
@@ -145,7 +151,7 @@ def resolve_run(conf: AskConfig, store: RunStore) -> tuple[str, str]:
             raise AskError(f"several models have alias '{conf.alias}' ({names}): pick --model")
         champ = found[0]
     label = f"{champ.model_name} version {champ.version} ({champ.alias}), run {champ.run_id}"
-    return champ.run_id, label
+    return champ.run_id, label, champ
 
 
 def trial_config(text: str, cache_dir: str) -> FinqaConfig:
@@ -156,14 +162,29 @@ def trial_config(text: str, cache_dir: str) -> FinqaConfig:
 
 
 def fetch_winner(conf: AskConfig, store: RunStore, workdir: Path) -> Winner:
-    run_id, label = resolve_run(conf, store)
+    """The run's model, downloaded into ``workdir``: the registered version's (or, with
+    --run-id, the run's) logged model, else the run's bare adapter."""
+    run_id, label, champ = resolve_run(conf, store)
     text = store.text(run_id, names.CONFIG_ARTIFACT)
     if text is None:
         raise AskError(f"run {run_id} has no config.yaml: it is not a finqa-exp trial")
+    trial = trial_config(text, conf.paths.cache_dir)
+    tags = store.version_tags(champ) if champ is not None else {}
+    if champ is not None:
+        source = store.model_location(champ.model_id) if champ.model_id else None
+    else:
+        model = store.logged_model(run_id)
+        source = model.artifact_location if model is not None else None
+    if source is not None:
+        artifacts, config = read_model(store.download_model(source, workdir / "model"))
+        return Winner(run_id, label, trial, artifacts, ServeSettings.from_dict(config), tags)
     if not store.has_artifact(run_id, names.ADAPTER_ARTIFACT):
         raise AskError(f"run {run_id} has no adapter (tracking.log_adapter=false, or it failed)")
+    log.warning("run %s has no logged model: rebuilding it from its config and adapter", run_id)
     adapter = store.download(run_id, names.ADAPTER_ARTIFACT, workdir)
-    return Winner(run_id, label, trial_config(text, conf.paths.cache_dir), adapter)
+    settings = spec.settings_for(trial, None, run_id)
+    artifacts = spec.artifacts_for(adapter, base_source(trial), settings)
+    return Winner(run_id, label, trial, artifacts, settings, tags)
 
 
 def base_source(trial: FinqaConfig) -> str:
@@ -176,79 +197,36 @@ def base_source(trial: FinqaConfig) -> str:
     return base_model_source(trial, splits)
 
 
-def check_tokenizers(base: Any, adapter: Any) -> None:
-    """A rebuilt tiny base must speak the adapter's vocabulary, or answers are noise."""
-    if base.get_vocab() != adapter.get_vocab():
-        raise AskError(
-            "the base model's tokenizer differs from the one the adapter was trained with "
-            "(a different data split or model.tiny settings?)"
-        )
-
-
-def load_tuned(winner: Winner, merged_dtype: bool = False) -> tuple[Any, Any]:
-    """(peft model, tokenizer): the base as the trial loaded it, plus the adapter.
-
-    ``merged_dtype`` loads the base unquantized (``quant.compute_dtype``: fp32 on CPU), as
-    merging LoRA weights into 4-bit weights would round them away.
-    """
-    from finqa_exp import devices
-
-    dev = devices.device()  # first: importing peft (and bitsandbytes) starts CUDA
-    import peft
-
-    from finqa_exp import modeling
-
-    trial = winner.conf
-    source = base_source(trial)
-    tokenizer = modeling.load_tokenizer(winner.adapter_dir, trial.model)
-    check_tokenizers(modeling.load_tokenizer(source, trial.model), tokenizer)
-    quant = trial.quant
-    if merged_dtype:
-        quant = QuantConfig(name="none", load_in_4bit=False, compute_dtype=quant.compute_dtype)
-    base = modeling.load_base_model(source, trial.model, quant, dev)
-    model = peft.PeftModel.from_pretrained(base, str(winner.adapter_dir))
-    model.eval()
-    return model, tokenizer
-
-
 def answer(winner: Winner, questions: Sequence[str], conf: AskConfig) -> list[str]:
-    """Greedy answers with the trial's prompt template and generation length."""
-    from finqa_exp.evaluation import generate_answers
-
-    model, tokenizer = load_tuned(winner)
-    max_new = conf.max_new_tokens or winner.conf.eval.max_new_tokens
-    batch = conf.batch_size or winner.conf.eval.batch_size
-    template = winner.conf.data.prompt_template
-    return generate_answers(model, tokenizer, template, list(questions), max_new, batch)
+    """Greedy answers, loaded as the pyfunc model loads (finqa_exp/serving/answerer.py)."""
+    settings = winner.settings
+    if conf.batch_size:
+        settings = replace(settings, batch_size=conf.batch_size)
+    tuned = answerer.load(winner.artifacts, settings)
+    return tuned.answer(list(questions), conf.max_new_tokens)
 
 
-def export_merged(winner: Winner, target: Path) -> Path:
-    """Base + adapter merged (peft merge_and_unload) into ``target`` with the tokenizer:
-    a plain causal LM for ``AutoModelForCausalLM.from_pretrained``."""
-    if target.exists() and any(target.iterdir()):
-        raise AskError(f"export folder {target} is not empty")
-    model, tokenizer = load_tuned(winner, merged_dtype=True)
-    merged = model.merge_and_unload()
-    merged.config.use_cache = True  # training turned it off; serving wants it
-    target.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    # How to prompt it: a served model must be asked in the form it was tuned on.
-    info = {
-        "run_id": winner.run_id,
-        "source": winner.label,
-        "base_model": winner.conf.model.name_or_path or f"tiny ({winner.conf.model.name})",
-        "prompt_template": winner.conf.data.prompt_template,
-        "max_new_tokens": winner.conf.eval.max_new_tokens,
-    }
-    (target / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    return target
+def export(winner: Winner, store: RunStore, conf: AskConfig, target: Path) -> Path:
+    """The adapter or merged model in ``target`` with a model card of the run's figures."""
+    record = store.run(winner.run_id)
+    facts = CardFacts(
+        conf=winner.conf,
+        run_id=winner.run_id,
+        metrics=record.metrics if record else {},
+        run_tags=record.tags if record else {},
+        version_tags=winner.version_tags,
+        label=winner.label,
+        merged=conf.merged,
+        base_revision=winner.settings.revision,
+        license=conf.license,
+    )
+    return export_lib.export(winner.artifacts, winner.settings, facts, target)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def run(argv: Sequence[str]) -> int:
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m finqa_exp.ask",
         description="Answer financial questions with a sweep's champion (or any trial run).",
@@ -257,30 +235,56 @@ def run(argv: Sequence[str]) -> int:
     parser.add_argument("--model", help="registered model name (default: the only champion)")
     parser.add_argument("--alias", help=f"registry alias (default: {CHAMPION_ALIAS})")
     parser.add_argument("--run-id", help="use this MLflow run instead of the registry")
-    parser.add_argument("--export-merged", metavar="DIR", help="write the merged model to DIR")
+    parser.add_argument("--export", metavar="DIR", help="write the adapter and a card to DIR")
+    parser.add_argument("--merged", action="store_true", help="export the merged model")
+    parser.add_argument("--export-merged", metavar="DIR", help="same as --export DIR --merged")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the export to the hub")
+    parser.add_argument("--license", help="the card's licence id (default: apache-2.0 for "
+                        "the tiny model, other for a hub base)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, help="answer length in tokens")
     args = parser.parse_intermixed_args(argv)  # questions and flags in any order
+    if args.export_merged:
+        args.export, args.merged = args.export_merged, True
     questions, overrides = split_args(args.items)
-    if not questions and not args.export_merged:
-        parser.error("give a question, or --export-merged DIR")
+    if not questions and not args.export:
+        parser.error("give a question, or --export DIR")
+    if (args.merged or args.push_to_hub) and not args.export:
+        parser.error("--merged and --push-to-hub go with --export DIR")
+    return args, questions, overrides
+
+
+def run(argv: Sequence[str]) -> int:
+    args, questions, overrides = parse(argv)
     with exit_on_bad_input("finqa_exp.ask"):
         conf = compose(overrides)
         for key, value in (
             ("registered_model", args.model),
             ("alias", args.alias),
             ("run_id", args.run_id),
-            ("export_merged", args.export_merged),
+            ("export", args.export),
+            ("push_to_hub", args.push_to_hub),
+            ("license", args.license),
             ("max_new_tokens", args.max_new_tokens),
         ):
             if value is not None:
                 setattr(conf, key, value)
+        conf.merged = conf.merged or args.merged
+        target = Path(conf.export).absolute() if conf.export else None
+        if target is not None:
+            export_lib.check_target(target)
+        # Before anything loads: offline or without a token, say so now.
+        token = hub.check_access(conf.push_to_hub) if conf.push_to_hub else None
         store = RunStore(conf.tracking.uri)
         with tempfile.TemporaryDirectory() as tmp:
             winner = fetch_winner(conf, store, Path(tmp))
             print(f"model: {winner.label}", file=sys.stderr)
-            if conf.export_merged:
-                out = export_merged(winner, Path(conf.export_merged).absolute())
-                print(f"merged model written to {out}", file=sys.stderr)
+            if target is not None:
+                out = export(winner, store, conf, target)
+                kind = "merged model" if conf.merged else "adapter"
+                print(f"{kind} and model card written to {out}", file=sys.stderr)
+                if token is not None:
+                    url = hub.push(out, conf.push_to_hub, token)
+                    print(f"uploaded to {url}", file=sys.stderr)
             if questions:
                 for question, reply in zip(questions, answer(winner, questions, conf)):
                     print(f"Q: {question}\nA: {reply}\n")
