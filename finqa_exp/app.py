@@ -1,0 +1,141 @@
+"""A chat app: ask a question, see the champion's answer beside its base model's (Gradio).
+
+    python -m finqa_exp.app                                   # the champion, on 127.0.0.1:7860
+    python -m finqa_exp.app --model finqa_tiny_finqa_sample --port 7861
+    python -m finqa_exp.app --run-id RUN_ID                   # any trial's run
+    python -m finqa_exp.app --host 0.0.0.0                    # reachable from other machines
+    python -m finqa_exp.app tracking.uri=http://mlflow-host:5000
+
+The model loads as ``python -m finqa_exp.ask`` and ``mlflow models serve`` load it
+(finqa_exp/serving/answerer.py); the base's answers come from the same loaded model with
+its adapter switched off, so the base costs no second copy in memory. The example questions
+are the run's logged test questions; the header shows the model, version, study and scores.
+From Python, with gradio_client::
+
+    Client("http://127.0.0.1:7860").predict("What is EBITDA?", api_name="/ask")  # (tuned, base)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from finqa_exp import ask
+from finqa_exp.errors import exit_on_bad_input
+from finqa_exp.serving import answerer
+from finqa_exp.tracking import RunStore, names
+
+log = logging.getLogger("finqa_exp.app")
+N_EXAMPLES = 6
+
+
+class ChatModel:
+    """The tuned model, answering as itself and as its base (adapter off)."""
+
+    def __init__(self, tuned: answerer.Answerer):
+        self.tuned = tuned
+
+    def both(self, question: str) -> tuple[str, str]:
+        question = (question or "").strip()
+        if not question:
+            return "", ""
+        (tuned,) = self.tuned.answer([question])
+        with self.tuned.model.disable_adapter():
+            (base,) = self.tuned.answer([question])
+        return tuned, base
+
+
+def header(winner: ask.Winner, metrics: dict[str, float]) -> str:
+    """Markdown: which model this is and how it scored."""
+    tags = winner.version_tags
+    study = tags.get(names.STUDY_TAG)
+    lines = [f"## finqa-exp: {winner.label}"]
+    if study:
+        lines.append(f"Study **{study}**, trial {tags.get(names.TRIAL_NUMBER_TAG, '?')}.")
+    scores = []
+    for key in ("rouge1", "rouge2", "rougeL", "numeric_accuracy"):
+        if key in metrics:
+            base = metrics.get(f"base_{key}")
+            was = f" (base {base:.4f})" if base is not None else ""
+            scores.append(f"{key} {metrics[key]:.4f}{was}")
+    if scores:
+        lines.append("Held-out scores of the fine-tuned model: " + ", ".join(scores) + ".")
+    if "objective_mean" in tags:
+        metric = winner.conf.objective.metrics[0]
+        lines.append(
+            f"Confirmed over {tags.get('n_seeds')} training seeds: {metric} mean "
+            f"{float(tags['objective_mean']):.4f} (sd {float(tags['objective_std']):.4f})."
+        )
+    lines.append(f"Loaded: {winner.settings.base_kind} base; answers are greedy.")
+    return "\n\n".join(lines)
+
+
+def build(chat: ChatModel, title: str, examples: list[str]) -> Any:
+    """The Gradio page: a question box, the two answers side by side, examples."""
+    import gradio as gr
+
+    with gr.Blocks(title="finqa-exp chat") as demo:
+        gr.Markdown(title)
+        question = gr.Textbox(label="Question", elem_id="question", lines=2)
+        button = gr.Button("Ask", variant="primary", elem_id="ask")
+        with gr.Row():
+            tuned = gr.Textbox(label="Fine-tuned (champion)", elem_id="tuned", lines=6)
+            base = gr.Textbox(label="Base model", elem_id="base", lines=6)
+        if examples:
+            gr.Examples(examples=[[q] for q in examples], inputs=question)
+        button.click(chat.both, inputs=question, outputs=[tuned, base], api_name="ask")
+        question.submit(chat.both, inputs=question, outputs=[tuned, base], api_name=False)
+    return demo
+
+
+def example_questions(store: RunStore, run_id: str) -> list[str]:
+    """The run's logged test questions (samples.json)."""
+    rows = store.table(run_id, names.SAMPLES_ARTIFACT)
+    return [r["question"] for r in rows if r.get("question")][:N_EXAMPLES]
+
+
+def run(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m finqa_exp.app",
+        description="Chat with a sweep's champion beside its base model (Gradio).",
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of conf/ask.yaml")
+    parser.add_argument("--model", help="registered model name (default: the only champion)")
+    parser.add_argument("--alias", help="registry alias (default: champion)")
+    parser.add_argument("--run-id", help="use this MLflow run instead of the registry")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local)")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(argv)
+    with exit_on_bad_input("finqa_exp.app"):
+        conf = ask.compose(args.overrides)
+        for key, value in (("registered_model", args.model), ("alias", args.alias),
+                           ("run_id", args.run_id)):  # fmt: skip
+            if value is not None:
+                setattr(conf, key, value)
+        store = RunStore(conf.tracking.uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            winner = ask.fetch_winner(conf, store, Path(tmp))
+            print(f"model: {winner.label}", file=sys.stderr)
+            tuned = answerer.load(winner.artifacts, winner.settings)
+            record = store.run(winner.run_id)
+            title = header(winner, record.metrics if record else {})
+            demo = build(ChatModel(tuned), title, example_questions(store, winner.run_id))
+            demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+    return 0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
