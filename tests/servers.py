@@ -183,3 +183,32 @@ def tracking_server(folder: Path) -> Iterator[MlflowServer]:
     else:
         with mlflow_server(f"sqlite:///{folder / 'mlflow.db'}", folder) as srv:
             yield srv
+
+
+@contextmanager
+def model_server(model_uri: str, tracking_uri: str, folder: Path, timeout: float = 180.0):
+    """``mlflow models serve -m model_uri --env-manager local`` on 127.0.0.1, reading the
+    registry at ``tracking_uri``; yields its base URL (POST {url}/invocations)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = folder / "model-server.log"
+    cmd = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    # MLflow starts uvicorn by name: the environment's bin folder must be on PATH.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # MLflow refuses to unpickle a model with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path,
+           "OMP_NUM_THREADS": "1", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_answering(f"{url}/ping", proc, log_path, timeout, "mlflow models serve")
+        yield url
+    finally:
+        _stop(proc)
