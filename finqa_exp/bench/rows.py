@@ -313,3 +313,34 @@ def overhead_rows(
             )
         )
     return rows
+
+
+SEED_SERVING = {  # what the seed project reported for its chat app
+    "first": "about 2-3 s a response", "tokens": "50-60 on CPU, 150-200 on GPU",
+    "memory": "about 4 GB (TinyLlama 1.1B)",
+}  # fmt: skip
+
+
+def serve_rows(s: dict[str, Any] | None, device: str, model: str) -> list[dict[str, Any]]:
+    """The served champion (finqa_exp/bench/serve.py): figures to report beside the seed's."""
+    if s is None:
+        return []
+    n = s["warm_answers"]
+    mem, mem_note = (s["gpu_mb"], "GPU memory (nvidia-smi)") if s.get("gpu_mb") else (
+        s["peak_rss_mb"], "peak resident memory of the server process")  # fmt: skip
+    return [
+        row("served champion: server start, model load included (s)", device, model, "s",
+            s["start_seconds"], None, s["start_seconds"], "report", None,
+            "mlflow models serve --env-manager local, until /ping answers"),
+        row("served champion: first answer (s)", device, model, "s", s["first_answer_seconds"],
+            None, s["first_answer_seconds"], "report", None,
+            f"one question per POST /invocations; seed: {SEED_SERVING['first']}"),
+        row("served champion: warm answer (s)", device, model, "s",
+            s["warm_seconds_per_answer"], None, s["warm_seconds_per_answer"], "report", None,
+            f"mean of {n} requests, greedy, up to the trial's max_new_tokens"),
+        row("served champion: generated tokens/s", device, model, "tokens/s",
+            s["generated_tokens_per_s"], None, s["generated_tokens_per_s"], "report", None,
+            f"answer tokens over warm request time; seed: {SEED_SERVING['tokens']}"),
+        row("served champion: memory (MB)", device, model, "MB", mem, None, mem, "report", None,
+            f"{mem_note}; seed: {SEED_SERVING['memory']}"),
+    ]  # fmt: skip

@@ -15,7 +15,9 @@ Sections: padding (share of padding at 512), train (real tokens/s, ours vs the s
 GPU: peak memory and MFU), eval (answers/s, batched vs one at a time), sweep (the default
 sweep with the pruner on vs off: compute spent, best objective against the objective's noise
 between two training seeds, and the per-trial overhead),
-trial (one cold ``python -m finqa_exp``: the overhead a single run pays).
+trial (one cold ``python -m finqa_exp``: the overhead a single run pays), serve (that
+trial's logged model behind ``mlflow models serve``: start, first and warm answer,
+generated tokens/s, memory).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from finqa_exp.config import (
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("padding", "train", "eval", "sweep", "trial")
+SECTIONS = ("padding", "train", "eval", "sweep", "trial", "serve")
 # Small runs for quick=true: they check the benchmark end to end, not the targets.
 QUICK = {
     "train_examples": 24,
@@ -51,6 +53,7 @@ QUICK = {
     "sweep_seeds": [0],
     "confirm_top_k": 1,
     "confirm_seeds": [1],
+    "serve_questions": 3,
 }
 QUICK_TRIAL = ["train.epochs=1", "eval.max_questions=4", "eval.max_new_tokens=8"]
 
@@ -77,6 +80,8 @@ class BenchConfig:
     # more seeds): "equal best" is judged on the confirmed means.
     confirm_top_k: int = 3
     confirm_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    # Served champion: this many test questions, one per request (the first is the cold one).
+    serve_questions: int = 12
     out_dir: str = "reports/bench"
 
     def __post_init__(self) -> None:
@@ -86,6 +91,8 @@ class BenchConfig:
         for key in ("train_examples", "eval_questions", "max_new_tokens", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.serve_questions < 2:  # the first answer is the cold one; the rest are warm
+            raise ConfigError(f"serve_questions must be >= 2, got {self.serve_questions}")
         if self.sweep_trials < 2 or not self.sweep_seeds:
             raise ConfigError("sweep_trials must be >= 2 and sweep_seeds not empty")
         if self.confirm_top_k < 1 or not self.confirm_seeds:
@@ -186,10 +193,20 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
             rows += table.confirmed_rows(runs, device)
             sweep_overhead = sweeps.overhead_of_sweep(next(r for r in runs if not r["pruner"]))
             raw["sweep_overhead"] = sweep_overhead
-        if "trial" in bc.sections:
+        if "trial" in bc.sections or "serve" in bc.sections:
             log.info("one cold trial: python -m finqa_exp")
             cold = sweeps.cold_trial(root, cache, extra)
             raw["cold_trial"] = cold
+        if "serve" in bc.sections:
+            from finqa_exp.bench.serve import served_champion
+
+            log.info("the cold trial's model behind mlflow models serve")
+            splits = sweeps.tiny_setup(cache)[1]
+            questions = [p.question for p in splits.test[: bc.serve_questions]]
+            raw["served"] = served_champion(root, cache, questions)
+            rows += table.serve_rows(raw["served"], device, "tiny (served)")
+    if "trial" not in bc.sections:
+        cold = None
     rows += table.overhead_rows(sweep_overhead, cold, device)
     results["rows"] = rows
     return results

@@ -105,6 +105,8 @@ def test_bad_bench_config_is_an_error():
         bench.BenchConfig(sections=["train", "nope"])
     with pytest.raises(ConfigError, match="sweep_prefix"):
         bench.BenchConfig(sweep_trials=8, sweep_prefix=9)
+    with pytest.raises(ConfigError, match="serve_questions must be >= 2, got 1"):
+        bench.BenchConfig(serve_questions=1)
 
 
 @pytest.mark.slow
@@ -168,6 +170,14 @@ def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path
     assert find("overhead: one cold")["value"] == cold["overhead_share_of_command"]
     later = raw["sweep_overhead"]["later_trials_median"]
     assert find("overhead: share of a sweep trial")["value"] == later
+
+    # The cold trial's model behind mlflow models serve: one cold and two warm answers.
+    served = raw["served"]
+    assert served["warm_answers"] == 2 and served["gpu_mb"] is None
+    assert 0 < served["first_answer_seconds"] < served["start_seconds"] + 600
+    assert find("served champion: warm answer")["value"] == served["warm_seconds_per_answer"]
+    assert find("served champion: generated tokens/s")["value"] > 0
+    assert find("served champion: memory")["value"] == served["peak_rss_mb"] > 100
 
     # No GPU here: its rows say so instead of guessing.
     gpu = [r for r in saved["rows"] if r["device"] == "cuda"]
