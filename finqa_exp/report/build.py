@@ -159,7 +159,7 @@ def keep_champions(rc: ReportConfig, studies: Sequence[StudyData], store: RunSto
         if rc.register and winners and not any(d.unfinished for d in group):
             best, _, over_seeds, owner = winners[0]
             assert best.run is not None and best.value is not None
-            tags = champion_tags(owner, best.number, best.value, over_seeds)
+            tags = champion_tags(owner, best.number, best.value, over_seeds, best.params)
             store.register_champion(model, best.run.run_id, alias=rc.alias, tags=tags)
         for d in group:
             d.champion = store.champion(model, rc.alias)

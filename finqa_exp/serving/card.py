@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from finqa_exp.config import FinqaConfig
 from finqa_exp.metrics import ROUGE_KEYS
+from finqa_exp.serving.spec import base_kind
+from finqa_exp.tracking import names
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def license_id(facts: CardFacts) -> str:
 def metadata(facts: CardFacts) -> str:
     conf = facts.conf
     lines = ["---", f"license: {license_id(facts)}"]
-    if conf.model.name_or_path:
+    if base_kind(conf.model.name_or_path) == "hub":  # the hub checks it names a hub model
         lines.append(f"base_model: {conf.model.name_or_path}")
     if not facts.merged:
         lines.append("library_name: peft")
@@ -103,12 +105,15 @@ def usage(facts: CardFacts) -> str:
             'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")'
         )
     else:
-        base = facts.conf.model.name_or_path or "PATH_OR_REPO/base"
-        rev = f', revision="{facts.base_revision}"' if facts.base_revision else ""
+        if facts.conf.model.name_or_path:
+            rev = f', revision="{facts.base_revision}"' if facts.base_revision else ""
+            base = f'"{facts.conf.model.name_or_path}"{rev}'
+        else:  # the tiny base travels in the export's base/ folder
+            base = '"PATH_OR_REPO", subfolder="base"'
         load = (
             "from peft import PeftModel\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f'base = AutoModelForCausalLM.from_pretrained("{base}"{rev})\n'
+            f"base = AutoModelForCausalLM.from_pretrained({base})\n"
             'model = PeftModel.from_pretrained(base, "PATH_OR_REPO")\n'
             'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")'
         )
@@ -157,7 +162,11 @@ def model_card(facts: CardFacts) -> str:
             f"Numeric accuracy: base {_fmt(m.get('base_numeric_accuracy'))}, fine-tuned "
             f"{_fmt(m['numeric_accuracy'])}."
         )
-    parts += ["## Training", hyperparameters(conf), "## Use", usage(facts)]
+    parts += ["## Training", hyperparameters(conf)]
+    searched = facts.version_tags.get(names.SEARCHED_TAG)
+    if searched:
+        parts.append(f"Searched by the study, this trial's values: {searched}.")
+    parts += ["## Use", usage(facts)]
     parts += [
         "## Licence",
         f"`{license_id(facts)}`. A fine-tune of a hub model is bound by that model's "

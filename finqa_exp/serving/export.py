@@ -5,8 +5,9 @@ model, with a model card (finqa_exp/serving/card.py)::
     python -m finqa_exp.ask --export /abs/finqa-merged --merged
 
 An adapter export loads with peft (``PeftModel.from_pretrained(base, DIR)``); a tiny base
-travels with it in ``base/``. A merged export is a plain ``AutoModelForCausalLM`` folder.
-Weights are safetensors either way.
+travels with it in ``base/`` (``AutoModelForCausalLM.from_pretrained(DIR,
+subfolder="base")``). A merged export is a plain ``AutoModelForCausalLM`` folder. Weights
+are safetensors either way.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def export(
         shutil.copytree(artifacts[ADAPTER], target, dirs_exist_ok=True)
         if BASE in artifacts:
             shutil.copytree(artifacts[BASE], target / BASE)
-            _point_adapter_at(target, str((target / BASE).resolve()), None)
+            # Relative, as the folder may be uploaded: load the base with subfolder="base".
+            _point_adapter_at(target, BASE, None)
         elif settings.base_kind == "hub":
             _point_adapter_at(target, settings.base or "", settings.revision)
     info = {

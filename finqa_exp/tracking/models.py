@@ -2,8 +2,9 @@
 
 The trial (finqa_exp/trial.py) logs its model with :func:`log_pyfunc_model`, linked to
 its run; the registry's champion (tracking/store.py) is that model; ``ask`` and the app
-load it with :func:`load_pyfunc`. Models are "models from code" (a Python file named by
-path), so nothing here pickles Python objects.
+download it and read its parts with :func:`read_model` (finqa_exp/serving/answerer.py
+loads them, as the model's own code does under ``mlflow.pyfunc.load_model``). Models are
+"models from code" (a Python file named by path), so nothing here pickles Python objects.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# What a served model needs installed beside finqa-exp itself, at the versions it was
-# logged with (`mlflow models serve --env-manager virtualenv` installs them).
+# What a served model needs installed beside finqa-exp itself (not on PyPI: serve with
+# `--env-manager local` where finqa-exp is installed), at the versions it was logged with.
 REQUIREMENTS = (
     "torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors",
     "tokenizers", "omegaconf", "mlflow",
@@ -114,14 +115,6 @@ def download_model(uri: str, source: str, dst: str | Path) -> Path:
         artifact_uri=source, dst_path=str(dst), tracking_uri=uri
     )
     return Path(local)
-
-
-def load_pyfunc(local_dir: str | Path) -> Any:
-    """``mlflow.pyfunc.load_model`` of a downloaded model folder: MLflow runs its code file,
-    which loads base and adapter (finqa_exp/serving/answerer.py)."""
-    import mlflow.pyfunc
-
-    return mlflow.pyfunc.load_model(str(local_dir))
 
 
 def read_model(local_dir: str | Path) -> tuple[dict[str, str], dict[str, Any]]:

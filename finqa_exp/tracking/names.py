@@ -24,6 +24,8 @@ PEAK_MEMORY_KIND_TAG = "peak_memory_kind"  # what peak_memory_mb measured
 MODEL_TAG, DATA_TAG, EXPERIMENT_TAG = "model", "data", "experiment"  # config names
 # Of a confirmation run (finqa_exp/sweep/confirm.py): the trial it trains again, its seed.
 CONFIRMS_TAG, SEED_TAG = "confirms", "seed"
+# Of a champion's registered version: the values its study searched, "key=value, ...".
+SEARCHED_TAG = "searched"
 
 # Trial states, as Optuna names them (TrialState.name).
 COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"

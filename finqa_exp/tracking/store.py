@@ -8,6 +8,8 @@ best adapter with :func:`register_study_champion`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,11 +221,7 @@ class RunStore:
                 source = model.model_uri  # models:/<id>: the UI links version and model
             else:
                 source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-            # MLflow's SQL registry looks a models:/ source up through the global tracking
-            # URI (a TODO of theirs), not this client's: point it at this store meanwhile.
-            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-            with _use_tracking_uri(self.uri):
+            with _global_tracking_uri(self.uri):
                 mv = self.client.create_model_version(
                     model_name, source, run_id=run_id, tags=tags, model_id=model_id
                 )
@@ -236,6 +234,24 @@ class RunStore:
         for key, value in tags.items():
             if have.get(key) != value:
                 self.client.set_model_version_tag(model_name, version, key, value)
+
+
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's SQL registry looks a ``models:/`` source up through the process's global
+    tracking URI (a TODO of theirs), not the client's: point it at this store meanwhile.
+    MLflow's own switch unsets MLFLOW_TRACKING_URI on the way back; it is restored here."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def model_id_of(source: str | None) -> str | None:
@@ -251,15 +267,22 @@ def champion_name(template: str, study_name: str) -> str:
 
 
 def champion_tags(
-    study: str, trial_number: int, value: float, confirmed: Confirmed | None = None
+    study: str,
+    trial_number: int,
+    value: float,
+    confirmed: Confirmed | None = None,
+    params: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """What a champion's model version records: its study, trial and objective, and for a
-    configuration confirmed over seeds its mean, spread and values (the trial's own first)."""
+    """What a champion's model version records: its study, trial and objective, the values
+    the study searched (``searched``: ``key=value, ...``), and for a configuration confirmed
+    over seeds its mean, spread and values (the trial's own first)."""
     tags = {
         names.STUDY_TAG: study,
         names.TRIAL_NUMBER_TAG: str(trial_number),
         "objective": repr(float(value)),
     }
+    if params:
+        tags[names.SEARCHED_TAG] = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
     if confirmed is not None and len(confirmed.values) > 1:
         tags.update(
             objective_mean=repr(confirmed.mean),
@@ -290,7 +313,9 @@ def register_study_champion(
     run_id = best.user_attrs.get(names.RUN_ID_ATTR)
     if run_id is None:
         return None
-    tags = champion_tags(study.study_name, best.number, float(best.values[0]), top_mean)
+    tags = champion_tags(
+        study.study_name, best.number, float(best.values[0]), top_mean, best.params
+    )
     return RunStore(uri).register_champion(
         champion_name(template, study.study_name), run_id, alias=alias, tags=tags
     )

@@ -110,3 +110,4 @@ def test_the_champion_is_the_best_mean_over_seeds_not_the_luckiest_run(tmp_path)
     assert float(tags["objective_mean"]) == pytest.approx(0.45)
     assert tags["n_seeds"] == "3" and tags[names.TRIAL_NUMBER_TAG] == "1"
     assert float(tags["objective_std"]) == pytest.approx(0.01)
+    assert tags[names.SEARCHED_TAG] == f"lr={study.trials[1].params['lr']}"
