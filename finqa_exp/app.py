@@ -18,21 +18,27 @@ From Python, with gradio_client::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from finqa_exp import ask
-from finqa_exp.errors import exit_on_bad_input
+from finqa_exp.errors import BadInput, exit_on_bad_input
 from finqa_exp.serving import answerer
 from finqa_exp.tracking import RunStore, names
 
 log = logging.getLogger("finqa_exp.app")
 N_EXAMPLES = 6
+
+
+class AppError(BadInput, RuntimeError):
+    """The app cannot start (gradio missing, port taken); one line."""
 
 
 class ChatModel:
@@ -89,8 +95,10 @@ def build(chat: ChatModel, title: str, examples: list[str]) -> Any:
             base = gr.Textbox(label="Base model", elem_id="base", lines=6)
         if examples:
             gr.Examples(examples=[[q] for q in examples], inputs=question)
-        button.click(chat.both, inputs=question, outputs=[tuned, base], api_name="ask")
-        question.submit(chat.both, inputs=question, outputs=[tuned, base], api_name=False)
+        # One model, its adapter switched off for the base's answer: one question at a time.
+        one = {"concurrency_limit": 1, "concurrency_id": "model"}
+        button.click(chat.both, inputs=question, outputs=[tuned, base], api_name="ask", **one)
+        question.submit(chat.both, inputs=question, outputs=[tuned, base], api_name=False, **one)
     return demo
 
 
@@ -113,6 +121,8 @@ def run(argv: Sequence[str]) -> int:
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
     with exit_on_bad_input("finqa_exp.app"):
+        if importlib.util.find_spec("gradio") is None:  # before any model loads
+            raise AppError("gradio is not installed: pip install -e '.[app]'")
         conf = ask.compose(args.overrides)
         for key, value in (("registered_model", args.model), ("alias", args.alias),
                            ("run_id", args.run_id)):  # fmt: skip
@@ -122,11 +132,19 @@ def run(argv: Sequence[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             winner = ask.fetch_winner(conf, store, Path(tmp))
             print(f"model: {winner.label}", file=sys.stderr)
-            tuned = answerer.load(winner.artifacts, winner.settings)
+            settings = winner.settings  # with conf/ask.yaml's generation overrides, if any
+            if conf.max_new_tokens:
+                settings = replace(settings, max_new_tokens=conf.max_new_tokens)
+            if conf.batch_size:
+                settings = replace(settings, batch_size=conf.batch_size)
+            tuned = answerer.load(winner.artifacts, settings)
             record = store.run(winner.run_id)
             title = header(winner, record.metrics if record else {})
             demo = build(ChatModel(tuned), title, example_questions(store, winner.run_id))
-            demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+            try:
+                demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+            except OSError as err:  # the port is taken, or the address is not this machine's
+                raise AppError(f"cannot serve on {args.host}:{args.port}: {err}") from err
     return 0
 
 

@@ -246,11 +246,15 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list[str]
     if args.export_merged:
         args.export, args.merged = args.export_merged, True
     questions, overrides = split_args(args.items)
-    if not questions and not args.export:
-        parser.error("give a question, or --export DIR")
-    if (args.merged or args.push_to_hub) and not args.export:
-        parser.error("--merged and --push-to-hub go with --export DIR")
     return args, questions, overrides
+
+
+def check_request(conf: AskConfig, questions: Sequence[str]) -> None:
+    """Something to do, once flags and ``key=value`` overrides are in (AskError if not)."""
+    if not questions and not conf.export:
+        raise AskError("give a question, or --export DIR")
+    if (conf.merged or conf.push_to_hub) and not conf.export:
+        raise AskError("--merged and --push-to-hub go with --export DIR")
 
 
 def run(argv: Sequence[str]) -> int:
@@ -269,6 +273,7 @@ def run(argv: Sequence[str]) -> int:
             if value is not None:
                 setattr(conf, key, value)
         conf.merged = conf.merged or args.merged
+        check_request(conf, questions)
         target = Path(conf.export).absolute() if conf.export else None
         if target is not None:
             export_lib.check_target(target)

@@ -87,7 +87,8 @@ def logged(tmp_path_factory):
         tracker.end_run(tracking.FINISHED)
     tracking.RunStore(tracking_cfg(root).uri).register_champion(
         MODEL, run_ids[0], tags={"objective_mean": "0.25", "objective_std": "0.01",
-                                 "n_seeds": "3", "objective_values": "0.24 0.25 0.26"},
+                                 "n_seeds": "3", "objective_values": "0.24 0.25 0.26",
+                                 "searched": "lora.r=4, train.learning_rate=0.001"},
     )  # fmt: skip
     return root, cfg, run_ids[0], expected, run_ids[1]
 
@@ -212,12 +213,8 @@ def test_pyfunc_load_model_answers_as_ask_does(logged, monkeypatch):
     # MLflow refuses to unpickle a model then: ours loads from code and safetensors only.
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     root, _, run_id, expected, _ = logged
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_cfg(root).uri)
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    finally:
-        mlflow.set_tracking_uri(old)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_cfg(root).uri)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     assert model.metadata.run_id == run_id
     assert model.predict(QUESTIONS, params={"max_new_tokens": 12}) == expected
     assert model.predict(QUESTIONS[0]) == expected[:1]  # one question as a string
@@ -261,6 +258,9 @@ def test_export_writes_the_adapter_with_a_card_of_the_runs_figures(logged, tmp_p
     assert "Confirmed over 3 training seeds: rougeL mean 0.2500 (sd 0.0100" in card
     assert f"MLflow run `{run_id}`, trial 0 of the Optuna study `toy-study`" in card
     assert "| LoRA rank r | 4 |" in card
+    assert (
+        "Searched by the study, this trial's values: lora.r=4, train.learning_rate=0.001." in card
+    )
     assert json.loads((target / EXPORT_INFO).read_text())["merged"] is False
 
 
@@ -325,3 +325,13 @@ def test_push_to_hub_uploads_the_export(logged, tmp_path, monkeypatch):
                                                "exist_ok": True})  # fmt: skip
     assert calls[1][:2] == ("upload", "me/finqa")
     assert {CARD, EXPORT_INFO, "adapter_model.safetensors"} <= set(calls[1][2])
+
+
+def test_a_request_with_nothing_to_do_is_one_line(logged, capsys):
+    root, *_ = logged
+    assert exit_code([*args(root)]) == 2
+    assert capsys.readouterr().err.strip() == "error: give a question, or --export DIR"
+    assert exit_code(["What?", *args(root), "push_to_hub=me/finqa"]) == 2  # key=value too
+    assert capsys.readouterr().err.strip() == (
+        "error: --merged and --push-to-hub go with --export DIR"
+    )

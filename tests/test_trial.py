@@ -160,7 +160,7 @@ def test_logged_adapter_reproduces_the_logged_rouge(default_trial, tmp_path):
         assert scores[key] == pytest.approx(logged[key], abs=1e-9), key
 
 
-def test_logged_model_answers_as_the_trial_scored_it(default_trial):
+def test_logged_model_answers_as_the_trial_scored_it(default_trial, monkeypatch):
     """The run's MLflow model (what `mlflow models serve` and the champion are), loaded by
     mlflow.pyfunc, gives the answers whose ROUGE the trial logged."""
     import mlflow
@@ -172,12 +172,8 @@ def test_logged_model_answers_as_the_trial_scored_it(default_trial):
     (output,) = run.outputs.model_outputs
     model_info = client.get_logged_model(output.model_id)
     assert model_info.source_run_id == result.run_id and model_info.name == run.info.run_name
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(conf.tracking.uri)
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
-    finally:
-        mlflow.set_tracking_uri(old)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", conf.tracking.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
     test = data_lib.load_splits(conf.data).test[: conf.eval.max_questions]
     answers = model.predict([p.question for p in test])
     scores = evaluation.rouge(answers, [p.answer for p in test])

@@ -230,7 +230,7 @@ def test_the_champion_is_a_logged_model_in_the_ui(swept, tmp_path):
     print(f"logged model {model_id} ({trial_name}) shown; screenshot {shot}")
 
 
-def test_the_champion_serves_the_answers_ask_gives(swept, tmp_path):
+def test_the_champion_serves_the_answers_ask_gives(swept, tmp_path, monkeypatch):
     """`mlflow models serve`, `mlflow.pyfunc.load_model` and `ask` give one greedy answer,
     with the sweep's model cache deleted: the tiny base is inside the model."""
     import mlflow
@@ -255,12 +255,8 @@ def test_the_champion_serves_the_answers_ask_gives(swept, tmp_path):
     asked = proc.stdout.split("A: ", 1)[1].strip()
     assert "4-bit NF4, as trained" in proc.stderr
 
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(server.url)
-    try:
-        loaded = mlflow.pyfunc.load_model(champion).predict([question])[0]
-    finally:
-        mlflow.set_tracking_uri(old)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    loaded = mlflow.pyfunc.load_model(champion).predict([question])[0]
     assert served and served == asked == loaded
     assert not swept.cache.exists()  # nothing rebuilt the base
     print(f"served, asked and loaded: {served!r}")
