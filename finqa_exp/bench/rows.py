@@ -327,7 +327,7 @@ def serve_rows(s: dict[str, Any] | None, device: str, model: str) -> list[dict[s
         return []
     n = s["warm_answers"]
     mem, mem_note = (s["gpu_mb"], "GPU memory (nvidia-smi)") if s.get("gpu_mb") else (
-        s["peak_rss_mb"], "peak resident memory of the server process")  # fmt: skip
+        s["peak_rss_mb"], "peak resident memory of the scoring process (uvicorn)")  # fmt: skip
     return [
         row("served champion: server start, model load included (s)", device, model, "s",
             s["start_seconds"], None, s["start_seconds"], "report", None,

@@ -4,7 +4,7 @@ over a trial's logged model, asked one question per request.
 Figures, as the seed project reported its chat app's (about 2-3 s a response, 50-60
 generated tokens/s on CPU, 150-200 on GPU, about 4 GB): the server's start (model load
 included), the first answer, the warm answers' latency and generated tokens/s, and the
-server's peak memory (resident set on CPU; on GPU, what nvidia-smi shows for it).
+scoring process's peak memory (resident set on CPU; on GPU, what nvidia-smi shows for it).
 """
 
 from __future__ import annotations
@@ -66,21 +66,28 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def peak_rss_mb(pid: int) -> float:
-    """Summed peak resident set (VmHWM) of a process tree, in MB (Linux)."""
-    total = 0
+def scoring_pid(pid: int) -> int:
+    """The process that loads the model and answers: ``mlflow models serve`` starts uvicorn
+    with MLflow's scoring app as a child of its own command-line process."""
     for p in _tree(pid):
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
+            if b"scoring_server" in Path(f"/proc/{p}/cmdline").read_bytes():
+                return p
         except OSError:
             continue
-    return total / 1024
+    raise RuntimeError(f"no scoring server process under {pid}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set (VmHWM) of one process, in MB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 def gpu_mb(pid: int) -> float | None:
-    """GPU memory nvidia-smi shows for the process tree, in MB; None without a GPU."""
+    """GPU memory nvidia-smi shows for the process, in MB; None without a GPU."""
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -88,9 +95,8 @@ def gpu_mb(pid: int) -> float | None:
         ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    pids = set(_tree(pid))
     used = [float(m) for p, m in (line.split(",") for line in out.splitlines() if "," in line)
-            if int(p) in pids]  # fmt: skip
+            if int(p) == pid]  # fmt: skip
     return sum(used) if used else None
 
 
@@ -131,12 +137,25 @@ def measure_served(
             "warm_seconds_per_answer": statistics.fmean(latencies),
             "warm_answers": len(latencies),
             "generated_tokens_per_s": tokens / sum(latencies),
-            "peak_rss_mb": peak_rss_mb(proc.pid),
-            "gpu_mb": gpu_mb(proc.pid),
+            "peak_rss_mb": peak_rss_mb(scoring_pid(proc.pid)),
+            "gpu_mb": gpu_mb(scoring_pid(proc.pid)),
         }
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The server's whole process group: SIGTERM, then SIGKILL if it lingers."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # already gone (it may have failed to start)
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def served_champion(root: Path, cache_dir: Path, questions: list[str]) -> dict[str, Any]:

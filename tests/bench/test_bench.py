@@ -174,7 +174,8 @@ def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path
     # The cold trial's model behind mlflow models serve: one cold and two warm answers.
     served = raw["served"]
     assert served["warm_answers"] == 2 and served["gpu_mb"] is None
-    assert 0 < served["first_answer_seconds"] < served["start_seconds"] + 600
+    assert find("served champion: server start")["value"] == served["start_seconds"] > 0
+    assert find("served champion: first answer")["value"] == served["first_answer_seconds"] > 0
     assert find("served champion: warm answer")["value"] == served["warm_seconds_per_answer"]
     assert find("served champion: generated tokens/s")["value"] > 0
     assert find("served champion: memory")["value"] == served["peak_rss_mb"] > 100
