@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +131,7 @@ def run(argv: Sequence[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             winner = ask.fetch_winner(conf, store, Path(tmp))
             print(f"model: {winner.label}", file=sys.stderr)
-            settings = winner.settings  # with conf/ask.yaml's generation overrides, if any
-            if conf.max_new_tokens:
-                settings = replace(settings, max_new_tokens=conf.max_new_tokens)
-            if conf.batch_size:
-                settings = replace(settings, batch_size=conf.batch_size)
-            tuned = answerer.load(winner.artifacts, settings)
+            tuned = answerer.load(winner.artifacts, ask.asked_settings(winner, conf))
             record = store.run(winner.run_id)
             title = header(winner, record.metrics if record else {})
             demo = build(ChatModel(tuned), title, example_questions(store, winner.run_id))

@@ -197,13 +197,20 @@ def base_source(trial: FinqaConfig) -> str:
     return base_model_source(trial, splits)
 
 
-def answer(winner: Winner, questions: Sequence[str], conf: AskConfig) -> list[str]:
-    """Greedy answers, loaded as the pyfunc model loads (finqa_exp/serving/answerer.py)."""
+def asked_settings(winner: Winner, conf: AskConfig) -> ServeSettings:
+    """The model's settings with ``conf/ask.yaml``'s generation overrides, if any."""
     settings = winner.settings
+    if conf.max_new_tokens:
+        settings = replace(settings, max_new_tokens=conf.max_new_tokens)
     if conf.batch_size:
         settings = replace(settings, batch_size=conf.batch_size)
-    tuned = answerer.load(winner.artifacts, settings)
-    return tuned.answer(list(questions), conf.max_new_tokens)
+    return settings
+
+
+def answer(winner: Winner, questions: Sequence[str], conf: AskConfig) -> list[str]:
+    """Greedy answers, loaded as the pyfunc model loads (finqa_exp/serving/answerer.py)."""
+    tuned = answerer.load(winner.artifacts, asked_settings(winner, conf))
+    return tuned.answer(list(questions))
 
 
 def export(winner: Winner, store: RunStore, conf: AskConfig, target: Path) -> Path:

@@ -111,25 +111,42 @@ def _wait_answering(
 
 
 @contextmanager
+def background_server(
+    cmd: list[str],
+    folder: Path,
+    url: str,
+    ready_path: str,
+    what: str,
+    timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+) -> Iterator[Path]:
+    """``cmd`` in a process group of its own, logging to ``folder/<what>.log``, until
+    ``url + ready_path`` answers 200; yields the log's path and stops the group after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / f"{what.replace(' ', '-')}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_answering(f"{url}{ready_path}", proc, log_path, timeout, what)
+        yield log_path
+    finally:
+        _stop(proc)
+
+
+@contextmanager
 def optuna_dashboard(storage_url: str, folder: Path, start_timeout: float = 60.0) -> Iterator[str]:
     """``optuna-dashboard`` over ``storage_url`` on 127.0.0.1; yields its base URL."""
-    folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log_path = folder / "optuna-dashboard.log"
     cmd = [
         str(Path(sys.executable).with_name("optuna-dashboard")), storage_url,
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_answering(f"{url}/api/meta", proc, log_path, start_timeout, "optuna-dashboard")
+    with background_server(cmd, folder, url, "/api/meta", "optuna-dashboard", start_timeout):
         yield url
-    finally:
-        _stop(proc)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -189,9 +206,7 @@ def tracking_server(folder: Path) -> Iterator[MlflowServer]:
 def model_server(model_uri: str, tracking_uri: str, folder: Path, timeout: float = 180.0):
     """``mlflow models serve -m model_uri --env-manager local`` on 127.0.0.1, reading the
     registry at ``tracking_uri``; yields its base URL (POST {url}/invocations)."""
-    folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log_path = folder / "model-server.log"
     cmd = [
         sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
@@ -201,14 +216,6 @@ def model_server(model_uri: str, tracking_uri: str, folder: Path, timeout: float
     # MLflow refuses to unpickle a model with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path,
            "OMP_NUM_THREADS": "1", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_answering(f"{url}/ping", proc, log_path, timeout, "mlflow models serve")
+    with background_server(cmd, folder, url, "/ping", "mlflow models serve", timeout, env):
         yield url
-    finally:
-        _stop(proc)

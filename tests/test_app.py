@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from finqa_exp import evaluation, modeling
 from finqa_exp.config import validate
-from tests.servers import _stop, _wait_answering, free_port
+from tests.servers import background_server, free_port
 from tests.test_ask import EXAMPLES, QUESTIONS, args, logged  # noqa: F401 (the champion fixture)
 from tests.tracking.test_mlflow_ui import CHROMEDRIVER, CHROMIUM, NO_BROWSER, chromium
 
@@ -42,23 +41,14 @@ def base_answers(logged):  # noqa: F811
 @pytest.fixture(scope="module")
 def app_url(logged, tmp_path_factory):  # noqa: F811
     root, *_ = logged
-    folder = tmp_path_factory.mktemp("app")
     port = free_port()
-    log_path = folder / "app.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "finqa_exp.app", *args(root), "--port", str(port)],
-            cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"},
-        )  # fmt: skip
+    cmd = [sys.executable, "-m", "finqa_exp.app", *args(root), "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_answering(f"{url}/gradio_api/info", proc, log_path, 180, "finqa_exp.app")
+    folder = tmp_path_factory.mktemp("app")
+    with background_server(cmd, folder, url, "/gradio_api/info", "finqa_exp.app", 180, env) as log:
         yield url
-    finally:
-        _stop(proc)
-    log_text = log_path.read_text()
-    assert "127.0.0.1" in log_text  # bound to loopback, as by default
+    assert "127.0.0.1" in log.read_text()  # bound to loopback, as by default
 
 
 def test_the_app_answers_with_both_models_through_gradio_client(logged, app_url, base_answers):  # noqa: F811

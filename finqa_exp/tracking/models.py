@@ -9,6 +9,7 @@ loads them, as the model's own code does under ``mlflow.pyfunc.load_model``). Mo
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import tempfile
@@ -26,6 +27,7 @@ REQUIREMENTS = (
 )  # fmt: skip
 
 
+@functools.cache  # once per process: a sweep's trials share it
 def pip_requirements() -> list[str]:
     found = []
     for dist in REQUIREMENTS:
@@ -80,7 +82,7 @@ def log_pyfunc_model(
                 mlflow.pyfunc.save_model(
                     str(local), mlflow_model=meta, python_model=str(code_path),
                     artifacts=artifacts, model_config=model_config, signature=signature,
-                    input_example=questions[:1], pip_requirements=pip_requirements(),
+                    input_example=questions[:1], pip_requirements=list(pip_requirements()),
                 )  # fmt: skip
             client.log_model_artifacts(model.model_id, str(local))
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])

@@ -210,6 +210,7 @@ def test_the_champion_is_a_logged_model_in_the_ui(swept, tmp_path):
     assert model.source_run_id == version.run_id
     trial_name = client.get_run(version.run_id).info.run_name
     assert model.name == trial_name
+    assert model.params["lora.r"] == client.get_run(version.run_id).data.params["lora.r"]
 
     shot = tmp_path / "mlflow-ui-model.png"
     with browser(shot) as driver:
