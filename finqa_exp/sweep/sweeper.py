@@ -251,16 +251,21 @@ class StudySweep:
                 f"study {study.study_name} is {found}, but hydra.sweeper.direction asks for "
                 f"{self.directions}: use another study_name"
             )
-        if self.metric_names and study.metric_names != self.metric_names:
-            if study.metric_names is not None:
+        if self.metric_names:
+            # Read once: workers opening one study race, and a second read may already see
+            # the names another worker has just set.
+            names = study.metric_names
+            if names is None:
+                with warnings.catch_warnings():  # set_metric_names is experimental in Optuna
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names(self.metric_names)
+                names = study.metric_names
+            if names != self.metric_names:
                 raise SweepConfigError(
-                    f"study {study.study_name} has the values {study.metric_names}, but "
+                    f"study {study.study_name} has the values {names}, but "
                     f"hydra.sweeper.metric_names says {self.metric_names}: use another "
                     "study_name"
                 )
-            with warnings.catch_warnings():  # set_metric_names is experimental in Optuna
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(self.metric_names)
         return study
 
 

@@ -693,6 +693,27 @@ def test_the_study_names_its_values(tmp_path):
     )
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_workers_opening_one_study_at_once_agree_on_its_value_names(tmp_path, monkeypatch):
+    # Another worker names the values just after this one read them (CI caught the race
+    # with 4 workers on PostgreSQL): the names match, so the study opens.
+    real = optuna.Study.metric_names
+    reads = []
+
+    def racing(study: optuna.Study) -> list[str] | None:
+        if not reads:
+            study._storage.set_study_system_attr(study._study_id, "study:metric_names", ["loss"])
+            reads.append(None)
+            return None
+        return real.fget(study)
+
+    monkeypatch.setattr(optuna.Study, "metric_names", property(racing))
+    sweeper = sw.StudySweep(sampler=None, pruner=None, metric_names="loss")
+    sweeper.study_name = "toy"
+    study = sweeper._open_study(journal_storage(tmp_path), optuna.samplers.RandomSampler(), None)
+    assert real.fget(study) == ["loss"]
+
+
 def test_stale_running_trial_is_failed_and_retried_with_the_same_params(tmp_path):
     study = optuna.create_study(study_name="toy", storage=journal_storage(tmp_path))
     params = {"x": 1.0, "y": 0.0, "kind": "b"}
