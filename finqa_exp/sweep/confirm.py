@@ -48,17 +48,16 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from finqa_exp.sweep.job import Heartbeat, TrialJob
+from finqa_exp.sweep.launches import JobSlots
 from finqa_exp.sweep.search_space import SearchSpace, format_value, trial_overrides
 from finqa_exp.sweep.study_book import (
     Outcome,
     check_failure_budget,
-    contiguous_runs,
-    describe,
     fail_trial,
-    job_outcome,
     last_beat,
     tell,
 )
+from finqa_exp.sweep.study_setup import SweepError
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +209,37 @@ class ConfirmRun:
             confirm.pruner,
         )
         launcher = self.sweep.make_launcher(job)
+        slots = JobSlots(
+            launcher,
+            self.sweep.n_jobs,
+            len(confirm.directions),
+            self.sweep.schedule,
+            in_process=self.sweep.in_process(launcher),
+        )
+        asked: dict[int, FrozenTrial] = {}
+        stop: SweepError | None = None  # too many failures: start nothing, let the rest end
         with Heartbeat(confirm, self.sweep.heartbeat_interval) as heartbeat:
-            while batch := self._ask(confirm, heartbeat):
-                self._launch(confirm, launcher, batch, heartbeat)
+            while True:
+                free = 0 if stop else slots.free()
+                for trial in self._ask(confirm, heartbeat, free):
+                    asked[trial.number] = trial
+                    slots.start(trial.number, self._overrides(trial))
+                if not slots.running:
+                    break
+                for number, outcome in slots.wait():
+                    heartbeat.discard(number)
+                    self._finish(confirm, asked.pop(number), outcome)
+                try:
+                    self._check_failures()
+                except SweepError as err:
+                    stop = stop or err
+        if stop is not None:
+            raise stop
         return confirm
 
-    def _ask(self, confirm: optuna.Study, heartbeat: Heartbeat) -> list[FrozenTrial]:
-        batch: list[FrozenTrial] = []
-        for _ in range(self.sweep.n_jobs):
+    def _ask(self, confirm: optuna.Study, heartbeat: Heartbeat, count: int) -> list[FrozenTrial]:
+        asked: list[FrozenTrial] = []
+        for _ in range(count):
             trials = confirm.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             if not trials:
                 break
@@ -228,31 +250,8 @@ class ConfirmRun:
                 heartbeat.discard(number)
                 fail_trial(confirm, number, "surplus: no confirmation was waiting")
                 break
-            batch.append(frozen)
-        return batch
-
-    def _launch(
-        self,
-        confirm: optuna.Study,
-        launcher: Any,
-        batch: list[FrozenTrial],
-        heartbeat: Heartbeat,
-    ) -> None:
-        trials = {t.number: t for t in batch}
-        # Consecutive numbers go together (in parallel with a parallel launcher), so that
-        # hydra.job.num is the confirmation's number.
-        for run in contiguous_runs(sorted(trials)):
-            try:
-                returns = launcher.launch(
-                    [self._overrides(trials[n]) for n in run], initial_job_idx=run[0]
-                )
-                outcomes = [job_outcome(ret, len(confirm.directions)) for ret in returns]
-            except Exception as err:  # the launcher itself broke
-                outcomes = [Outcome(TrialState.FAIL, reason=describe(err), error=err)] * len(run)
-            for number, outcome in zip(run, outcomes):
-                heartbeat.discard(number)
-                self._finish(confirm, trials[number], outcome)
-        self._check_failures()
+            asked.append(frozen)
+        return asked
 
     def _overrides(self, trial: FrozenTrial) -> list[str]:
         seed_key = self.settings.seed_key
@@ -285,7 +284,7 @@ class ConfirmRun:
 
     def _check_failures(self) -> None:
         """SweepError once this pass's failures exceed max_failure_rate x the pairs queued
-        (checked after each batch is told, so no batch is left RUNNING)."""
+        (checked once nothing runs, so no confirmation is left RUNNING)."""
         rate = self.sweep.max_failure_rate
         check_failure_budget(self.failures, rate, self.queued, "confirmations", "pairs queued")
 

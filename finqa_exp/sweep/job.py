@@ -13,6 +13,7 @@ import contextvars
 import gc
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 
-from finqa_exp.sweep.study_book import HEARTBEAT_ATTR, set_trial_attr, trial_id
+from finqa_exp.sweep.study_book import HEARTBEAT_ATTR, WORKER_ATTR, set_trial_attr, trial_id
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,12 @@ class TrialJob:
             sampler=self.sampler,
             pruner=self.pruner,
         )
-        token = _current_trial.set(_bind_trial(study, job_trial_number()))
+        number = job_trial_number()
+        # Where it runs (a joblib worker, a Slurm node, a Ray worker): for whoever debugs a
+        # lost node, and for the tests that check jobs ran outside the sweep's process.
+        where = f"{socket.gethostname()}:{os.getpid()}"
+        set_trial_attr(study, number, WORKER_ATTR, where, system=True)
+        token = _current_trial.set(_bind_trial(study, number))
         failed = False
         try:
             return self.task_function(cfg)

@@ -1,7 +1,7 @@
-"""One sweep process's pass over the study, round by round: ask Optuna for up to
-``n_jobs`` trials, launch them as Hydra jobs, tell Optuna how each ended, until the study
-has its total. Failing and retrying the trials of killed sweeps, and stopping on too many
-failures, happen here too. finqa_exp.sweep.sweeper sets it up."""
+"""One sweep process's pass over the study: keep up to ``n_jobs`` trials in flight (ask
+Optuna, launch each as a Hydra job through finqa_exp.sweep.launches, tell Optuna how it
+ended) until the study has its total. Failing and retrying the trials of killed sweeps,
+and stopping on too many failures, happen here too. finqa_exp.sweep.sweeper sets it up."""
 
 from __future__ import annotations
 
@@ -17,18 +17,17 @@ from optuna.trial import TrialState
 
 from finqa_exp.sweep.confirm import notify
 from finqa_exp.sweep.job import Heartbeat
+from finqa_exp.sweep.launches import JobSlots, WorkerTime
 from finqa_exp.sweep.search_space import SearchSpace
 from finqa_exp.sweep.search_space import trial_overrides as params_to_overrides
 from finqa_exp.sweep.study_book import (
     SURPLUS_ATTR,
     Outcome,
     check_failure_budget,
-    contiguous_runs,
     describe,
     ending_line,
     enqueue_retry,
     fail_trial,
-    job_outcome,
     last_beat,
     running_in_total,
     set_trial_attr,
@@ -37,7 +36,7 @@ from finqa_exp.sweep.study_book import (
     trials_to_ask,
     within_total,
 )
-from finqa_exp.sweep.study_setup import suggest
+from finqa_exp.sweep.study_setup import SweepError, suggest
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,7 @@ class SweepRun:
         n_trials: int,
         persistent: bool,
         callbacks: Sequence[Any] = (),
+        in_process: bool = False,
     ) -> None:
         self.sweep = sweep
         self.study = study
@@ -67,40 +67,78 @@ class SweepRun:
             get_method(sweep.custom_search_space) if sweep.custom_search_space else None
         )
         self.callbacks = callbacks
+        self.in_process = in_process  # the launcher runs jobs here, one at a time
         self.failures: list[str] = []  # this run's failed trials, for max_failure_rate
 
-    def execute(self) -> None:
+    def execute(self) -> WorkerTime:
+        """Run trials until the study has its total; returns how busy the workers were."""
         self._fail_stale()
         for params in self.sweep.enqueue:
             self.study.enqueue_trial(params, skip_if_exists=True)
-        waiting_logged = False
+        slots = JobSlots(
+            self.launcher,
+            self.sweep.n_jobs,
+            len(self.sweep.directions),
+            self.sweep.schedule,
+            self.in_process,
+        )
         with Heartbeat(self.study, self.sweep.heartbeat_interval) as heartbeat:
-            while True:
-                trials = self.study.get_trials(deepcopy=False)
-                count = min(self.sweep.n_jobs, trials_to_ask(trials, self.n_trials))
-                if count == 0:
-                    running = running_in_total(trials, self.n_trials)
-                    if not running:
-                        break
-                    if not waiting_logged:
-                        log.info(
-                            "Waiting for trials %s of other workers", [t.number for t in running]
-                        )
-                        waiting_logged = True
-                    time.sleep(_PEER_POLL_S)
-                    self._fail_stale()
-                    continue
-                waiting_logged = False
-                self._run_batch(self._ask(count, heartbeat), heartbeat)
-                self._check_failures()
+            try:
+                self._fill(slots, heartbeat)
+            except BaseException as err:
+                # Interrupted (Ctrl-C) or stopped: fail what is still running and queue it
+                # again, as a killed sweep's trials would be at the next start.
+                for number in slots.running:
+                    heartbeat.discard(number)
+                    frozen = fail_trial(self.study, number, f"sweep interrupted: {describe(err)}")
+                    if frozen is not None:
+                        enqueue_retry(self.study, frozen, self.sweep.max_retry)
+                raise
+        return slots.worker_time()
+
+    def _fill(self, slots: JobSlots, heartbeat: Heartbeat) -> None:
+        """Keep the slots busy until the study has its total and nothing runs."""
+        waiting_logged = False
+        stop: SweepError | None = None  # too many failures: start nothing, let the rest end
+        while True:
+            trials = self.study.get_trials(deepcopy=False)
+            count = 0 if stop else min(slots.free(), trials_to_ask(trials, self.n_trials))
+            for number, overrides in self._ask(count, heartbeat):
+                slots.start(number, overrides)
+            if slots.running or count:
+                # Wake at least once a heartbeat to fail dead workers' trials meanwhile.
+                for number, outcome in slots.wait(timeout=self.sweep.heartbeat_interval):
+                    heartbeat.discard(number)
+                    self._finish(number, outcome)
+                try:
+                    self._check_failures()
+                except SweepError as err:
+                    stop = stop or err
                 self._fail_stale()
+                waiting_logged = False
+                continue
+            if stop is not None:
+                raise stop
+            running = running_in_total(trials, self.n_trials)
+            if not running:
+                return
+            if not waiting_logged:
+                log.info("Waiting for trials %s of other workers", [t.number for t in running])
+                waiting_logged = True
+            time.sleep(_PEER_POLL_S)
+            self._fail_stale()
 
     def _finish(self, number: int, outcome: Outcome) -> None:
         if outcome.state == TrialState.FAIL:
-            self.failures.append(f"trial {number}: {outcome.reason}")
             # The traceback for whoever debugs; the log's line for the trial comes below.
             log.debug("Trial %d failed", number, exc_info=outcome.error)
             frozen = fail_trial(self.study, number, outcome.reason or "unknown")
+            retried = outcome.lost and frozen is not None
+            if retried and enqueue_retry(self.study, frozen, self.sweep.max_retry):
+                log.warning("Trial %d: %s; retrying it", number, outcome.reason)
+                notify(self.callbacks, "on_trial_end", self.study, frozen)
+                return
+            self.failures.append(f"trial {number}: {outcome.reason}")
         else:
             frozen = tell(self.study, number, outcome)
         if frozen is None:
@@ -145,33 +183,6 @@ class SweepRun:
         # Compose now so a bad sampled value fails this trial, not the whole batch.
         self.sweep.hydra_context.config_loader.load_sweep_config(self.sweep.config, overrides)
         return overrides
-
-    def _run_batch(self, batch: list[tuple[int, list[str]]], heartbeat: Heartbeat) -> None:
-        jobs = dict(batch)
-        pending = sorted(jobs)
-        try:
-            # Launch consecutive trial numbers together so that hydra.job.num (and so the job
-            # folder) is the trial number: unique across re-runs and concurrent workers.
-            for run in contiguous_runs(pending):
-                try:
-                    returns = self.launcher.launch([jobs[n] for n in run], initial_job_idx=run[0])
-                    outcomes = [job_outcome(ret, len(self.sweep.directions)) for ret in returns]
-                except Exception as err:  # the launcher itself broke, e.g. a killed worker
-                    broken = Outcome(TrialState.FAIL, reason=describe(err), error=err)
-                    outcomes = [broken] * len(run)
-                for number, outcome in zip(run, outcomes):
-                    heartbeat.discard(number)
-                    pending.remove(number)
-                    self._finish(number, outcome)
-        except BaseException as err:
-            # Interrupted (Ctrl-C): fail what is still running and queue it again, as a
-            # killed sweep's trials would be at the next start.
-            for number in pending:
-                heartbeat.discard(number)
-                frozen = fail_trial(self.study, number, f"sweep interrupted: {describe(err)}")
-                if frozen is not None:
-                    enqueue_retry(self.study, frozen, self.sweep.max_retry)
-            raise
 
     def _fail_stale(self) -> None:
         if not self.persistent:

@@ -30,6 +30,7 @@ from finqa_exp.sweep.study_setup import SweepError
 FAIL_REASON = "fail_reason"  # user attr of a FAIL trial
 HEARTBEAT_ATTR = "finqa_optuna:heartbeat"
 SURPLUS_ATTR = "finqa_optuna:surplus"
+WORKER_ATTR = "finqa_optuna:worker"  # "<host>:<pid>" of the process that ran the trial's job
 _MAX_REASON = 1000
 
 
@@ -105,6 +106,9 @@ class Outcome:
     values: list[float] | None = None
     reason: str | None = None
     error: BaseException | None = field(default=None, compare=False)  # for the log's traceback
+    # The job was lost with its worker (the launcher raised: a dead node, a killed process),
+    # so the trial itself is not to blame: it is retried as a killed sweep's trials are.
+    lost: bool = False
 
 
 def check_failure_budget(

@@ -5,9 +5,10 @@
     python my_app.py -m hydra/sweeper=finqa_optuna hydra/sweeper/pruner=median \
         hydra.sweeper.storage=journal:///abs/path/study.log 'lr=tag(log, interval(1e-5, 1e-3))'
 
-StudySweep checks the input, opens the study and hands it to rounds.SweepRun: each round
-asks Optuna for up to `n_jobs` trials, turns their params into overrides (search_space),
-launches them as Hydra jobs numbered by trial number, and tells Optuna how each ended.
+StudySweep checks the input, opens the study and hands it to rounds.SweepRun, which keeps
+up to `n_jobs` trials in flight (launches.JobSlots): it asks Optuna for a trial whenever a
+worker is free, turns its params into overrides (search_space), launches it as a Hydra job
+numbered by its trial number, and tells Optuna how it ended.
 Inside a job, `current_trial()` gives the objective its own trial to report intermediate
 values to and to ask whether to prune.
 
@@ -42,6 +43,7 @@ from finqa_exp.sweep.job import TrialJob
 
 # The objective's handle on its trial, documented as finqa_exp.sweep.sweeper.current_trial().
 from finqa_exp.sweep.job import current_trial as current_trial
+from finqa_exp.sweep.launches import SCHEDULES, launcher_name, prepare_launcher
 from finqa_exp.sweep.rounds import SweepRun
 from finqa_exp.sweep.search_space import SearchSpace, parse_search_space
 from finqa_exp.sweep.study_book import (
@@ -81,6 +83,7 @@ class StudySweep:
         study_name: str | None = None,
         n_trials: int = 20,
         n_jobs: int = 2,
+        schedule: str = "async",
         max_failure_rate: float = 0.0,
         params: Any = None,
         custom_search_space: str | None = None,
@@ -101,6 +104,10 @@ class StudySweep:
                 "need n_trials >= 0, n_jobs >= 1, heartbeat_interval > 0 and max_retry >= 0; "
                 f"got {n_trials}, {n_jobs}, {heartbeat_interval}, {max_retry}"
             )
+        if schedule not in SCHEDULES:
+            raise SweepConfigError(
+                f"hydra.sweeper.schedule must be one of {list(SCHEDULES)}, got {schedule!r}"
+            )
         self.sampler_conf = sampler
         self.pruner_conf = pruner
         self.directions = study_directions(direction)
@@ -109,6 +116,7 @@ class StudySweep:
         self.study_name = study_name
         self.n_trials = n_trials
         self.n_jobs = n_jobs
+        self.schedule = schedule
         self.max_failure_rate = max_failure_rate
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
         self.custom_search_space = custom_search_space
@@ -161,38 +169,60 @@ class StudySweep:
             study.sampler = sampler
         job = TrialJob(self.task_function, storage, study.study_name, sampler, pruner)
         launcher = self.make_launcher(job)
-        if isinstance(storage, InMemoryStorage) and not _in_process(launcher):
+        if isinstance(storage, InMemoryStorage) and not self.in_process(launcher):
             raise SweepConfigError(
                 f"hydra.sweeper.storage is null (in memory), but {type(launcher).__name__} runs "
                 "jobs in other processes that cannot reach it: set hydra.sweeper.storage, e.g. "
                 "journal:///abs/path/study.log or sqlite:////abs/path/study.db"
             )
+        if self.n_jobs == 1 and not self.in_process(launcher):
+            log.warning(
+                "hydra.sweeper.n_jobs=1: %s runs one trial at a time; set hydra.sweeper.n_jobs "
+                "to keep more trials in flight",
+                type(launcher).__name__,
+            )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         log.info(
-            "Study %s (%s, %s): %d trials in total, %d at a time; sampler %s, pruner %s",
+            "Study %s (%s, %s): %d trials in total, %d at a time (%s, %s); sampler %s, pruner %s",
             study.study_name,
             type(storage).__name__,
             "/".join(self.directions),
             n_trials,
-            self.n_jobs,
+            1 if self.in_process(launcher) else self.n_jobs,
+            self.schedule,
+            type(launcher).__name__,
             type(sampler).__name__,
             type(pruner).__name__,
         )
         callbacks = [instantiate(conf) for conf in self.callback_confs]
         persistent = not isinstance(storage, InMemoryStorage)
-        run = SweepRun(self, study, launcher, space, n_trials, persistent, callbacks)
+        in_process = self.in_process(launcher)
+        run = SweepRun(self, study, launcher, space, n_trials, persistent, callbacks, in_process)
         notify(callbacks, "on_sweep_start", study)
+        workers = None
         try:
             if self.confirm.only:
                 log.info("confirm.only: no new trial; confirming the study's top trials")
             else:
-                run.execute()
+                workers = run.execute()
+                if workers.jobs:
+                    log.info(
+                        "Workers idle %.1f%% of the time: %d trials, %d at a time (%s), %.0f s",
+                        100 * workers.idle_share,
+                        workers.jobs,
+                        workers.slots,
+                        self.schedule,
+                        workers.wall_s,
+                    )
             # Only once the study has all its trials: the top k are final then.
             ConfirmRun(self, study, space, self.confirm, callbacks).execute()
         finally:
             results = study_results(study)
+            if workers is not None and workers.jobs:
+                # This process's trials (not its confirmations): what the bench compares.
+                results["workers"] = {"schedule": self.schedule, **workers.as_dict()}
             OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
             log.info("Results: %s", results)
             notify(callbacks, "on_sweep_end", study)
@@ -200,9 +230,16 @@ class StudySweep:
 
     def make_launcher(self, job: TrialJob) -> Any:
         """The configured Hydra launcher, running ``job`` for each set of overrides."""
-        return Plugins.instance().instantiate_launcher(
+        launcher = Plugins.instance().instantiate_launcher(
             hydra_context=self.hydra_context, task_function=job, config=self.config
         )
+        prepare_launcher(launcher)
+        return launcher
+
+    @staticmethod
+    def in_process(launcher: Any) -> bool:
+        """Whether ``launcher`` runs jobs in this process (Hydra's basic launcher)."""
+        return launcher_name(launcher) == _BASIC_LAUNCHER
 
     def _preflight(self, space: SearchSpace) -> None:
         """Check the jobs' configs before any trial exists; exit 2 with one line if one is bad."""
@@ -286,12 +323,6 @@ def preflight_overrides(space: SearchSpace) -> list[list[str]]:
             values = [str(dist.low), str(dist.high)]
         checks.extend([f"{key}={value}"] for value in values)
     return checks
-
-
-def _in_process(launcher: Any) -> bool:
-    # By name: Hydra's plugin scan re-executes its core plugin modules, so the class object
-    # imported here may not be the one it instantiated.
-    return f"{type(launcher).__module__}.{type(launcher).__name__}" == _BASIC_LAUNCHER
 
 
 def _plain(node: Any) -> Any:

@@ -164,8 +164,12 @@ class FinqaOptunaSweeperConf:
     study_name: str | None = None
     # The study's total: a re-run only runs what is left.
     n_trials: int = 20
-    # Trials launched together in one batch (in parallel with a parallel launcher).
+    # Trials in flight at once (with a launcher that runs jobs elsewhere: joblib, submitit,
+    # ray; Hydra's basic launcher runs one at a time in the sweep's own process).
     n_jobs: int = 2
+    # "async": a trial starts as soon as any trial ends; "batch": rounds of n_jobs trials,
+    # each round waiting for its slowest trial (as hydra-optuna-sweeper does).
+    schedule: str = "async"
     # Stop once this run's failed trials exceed max_failure_rate * n_trials.
     max_failure_rate: float = 0.0
     params: dict[str, str] | None = None

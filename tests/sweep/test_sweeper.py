@@ -842,6 +842,53 @@ def test_joblib_launcher_runs_jobs_in_other_processes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sweep").glob("[0-9]*")) == ["0", "1", "2", "3"]
 
 
+@pytest.mark.parametrize("schedule", ["async", "batch"])
+def test_a_long_trial_holds_up_the_others_only_in_batches(tmp_path, schedule):
+    # Trial 0 runs 5 s; the others are quick. Async: the other worker runs trials 1-3
+    # meanwhile. Batch: trial 2 waits for the round of trials 0 and 1 to end.
+    sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=4",
+        f"hydra.sweeper.schedule={schedule}",
+        "hang_on=[0]",
+        "hang_s=5",
+    )
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE"] * 4
+    first, *others = study.trials
+    if schedule == "async":
+        assert all(t.datetime_complete < first.datetime_complete for t in others)
+    else:
+        assert others[1].datetime_start >= first.datetime_complete
+    workers = results(tmp_path)["workers"]
+    assert workers["schedule"] == schedule and workers["slots"] == 2 and workers["jobs"] == 4
+    assert 5 <= workers["busy_s"] <= 2 * workers["wall_s"]
+    assert workers["idle_share"] == pytest.approx(
+        1 - workers["busy_s"] / (2 * workers["wall_s"]), abs=1e-3
+    )
+
+
+def test_a_job_lost_with_its_worker_is_retried_not_counted_as_a_failure(tmp_path):
+    # Trial 1's joblib worker dies (os._exit): the launcher raises instead of returning.
+    proc = sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.n_trials=3",
+        "die_on=[1]",
+    )  # max_failure_rate is 0: a counted failure would stop the sweep
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    lost, retry = study.trials[1], study.trials[2]  # the retry runs next
+    assert lost.user_attrs[book.FAIL_REASON].startswith("job lost: ")
+    assert retry.params == lost.params and retry.system_attrs["failed_trial"] == 1
+    assert "Trial 1: job lost: " in proc.stdout and "retrying it" in proc.stdout
+
+
 def test_in_memory_storage_with_a_process_launcher_is_refused(tmp_path):
     proc = sweep(tmp_path, "hydra/launcher=joblib", "hydra.sweeper.storage=null", ok=False)
     assert proc.returncode != 0

@@ -39,6 +39,10 @@ def objective(cfg: DictConfig) -> float | tuple[float, float]:
         trial.set_user_attr("job_pid", os.getpid())
     if number in cfg.fail_on:
         raise RuntimeError(f"planned failure of trial {number}")
+    died = Path(HydraConfig.get().sweep.dir, f"died-{number}")
+    if number in cfg.die_on and not died.exists():
+        died.touch()
+        os._exit(1)  # no exception, no JobReturn: the launcher loses the job
     if cfg.fail_seed is not None and cfg.seed == cfg.fail_seed:
         raise RuntimeError(f"planned failure of seed {cfg.seed}")
     time.sleep(cfg.sleep_s)
