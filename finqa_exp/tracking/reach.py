@@ -25,7 +25,8 @@ def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
     """TrackingError within ``timeout`` seconds if the store at ``uri`` cannot be reached.
 
     A tracking server (``http(s)://``) must answer one request to its REST API, without
-    retries and below HTTP 500 (a 404 or 401 is an answer); a database server
+    retries, below HTTP 500 (a 404 is an answer) and, if it authenticates, accept the
+    credentials MLflow's client takes from the environment; a database server
     (``postgresql://``, ``mysql://``, ``mssql://``) must accept a TCP connection. Local
     stores (``sqlite:///``, folders) are made on first use, so there is nothing to reach.
     Creates nothing anywhere.
@@ -49,9 +50,12 @@ def _http_unreachable(uri: str, timeout: float) -> str | None:
     import requests
     from mlflow.utils.credentials import get_default_host_creds
 
-    # The endpoint the tracker calls first; the TLS settings MLflow's client would use.
+    # The endpoint the tracker calls first, with the TLS settings and the credentials
+    # MLflow's client would use (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN).
     creds = get_default_host_creds(uri)
     url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name"
+    auth = (creds.username, creds.password) if creds.username and creds.password else None
+    token = {"Authorization": f"Bearer {creds.token}"} if creds.token and not auth else {}
     try:
         resp = requests.get(
             url,
@@ -59,6 +63,8 @@ def _http_unreachable(uri: str, timeout: float) -> str | None:
             timeout=timeout,
             verify=creds.verify,
             cert=creds.client_cert_path,
+            auth=auth,
+            headers=token,
         )
     except requests.Timeout:
         return f"cannot reach the tracking server: no answer in {timeout:g} s"
@@ -66,6 +72,16 @@ def _http_unreachable(uri: str, timeout: float) -> str | None:
         return f"cannot reach the tracking server: {_os_reason(err)}"
     if resp.status_code >= 500:
         return f"the tracking server answered HTTP {resp.status_code} {resp.reason}"
+    if resp.status_code == 401:  # a server with authentication (mlflow server --app-name ...)
+        if auth or token:
+            return (
+                "the tracking server refused these credentials (HTTP 401): check "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            )
+        return (
+            "the tracking server asks for credentials (HTTP 401): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment"
+        )
     return None
 
 

@@ -111,3 +111,50 @@ def test_the_champion_is_the_best_mean_over_seeds_not_the_luckiest_run(tmp_path)
     assert tags["n_seeds"] == "3" and tags[names.TRIAL_NUMBER_TAG] == "1"
     assert float(tags["objective_std"]) == pytest.approx(0.01)
     assert tags[names.SEARCHED_TAG] == f"lr={study.trials[1].params['lr']}"
+
+
+def test_a_server_that_authenticates_refuses_a_worker_without_credentials(monkeypatch):
+    """The reachability check sends the credentials MLflow's client takes from the
+    environment, and a 401 is one clear error (a server started with --app-name basic-auth;
+    tests/sweep/test_cluster.py runs the real one)."""
+    import base64
+    import http.server
+    import threading
+
+    from finqa_exp.tracking import TrackingError, check_reachable
+
+    good = "Basic " + base64.b64encode(b"worker:s3cret").decode()
+
+    class BasicAuth(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.headers.get("Authorization") == good:
+                self.send_error(404)  # an answer: no such experiment
+            else:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BasicAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for var in (
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_TRACKING_TOKEN",
+        ):
+            monkeypatch.delenv(var, raising=False)
+        with pytest.raises(TrackingError, match=r"asks for credentials \(HTTP 401\): set "):
+            check_reachable(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "worker")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        with pytest.raises(TrackingError, match=r"refused these credentials \(HTTP 401\)"):
+            check_reachable(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+        check_reachable(uri)
+    finally:
+        server.shutdown()
+        server.server_close()
