@@ -315,6 +315,30 @@ def overhead_rows(
     return rows
 
 
+def worker_rows(runs: dict[str, dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """Idle worker time, batched rounds against asynchronous trials (bench/sweeps.py)."""
+    if not runs:
+        return []
+    batch, fast = runs["batch"], runs["async"]
+    slots = fast["slots"]
+
+    def fates(r: dict[str, Any]) -> str:
+        return ", ".join(f"{n} {s.lower()}" for s, n in r["states"].items() if n)
+
+    return [
+        row(f"idle share of worker time, {slots} workers, default study with pruning", device,
+            "tiny", "share", fast["idle_share"], batch["idle_share"],
+            fast["idle_share"] - batch["idle_share"], "async < batch",
+            fast["idle_share"] < batch["idle_share"],
+            f"ours: async ({fates(fast)}); baseline: batches of {slots} ({fates(batch)}); "
+            "value: the difference"),
+        row(f"sweep wall time, {slots} workers (s)", device, "tiny", "s", fast["wall_s"],
+            batch["wall_s"], ratio(fast["wall_s"], batch["wall_s"]), "report", None,
+            "first trial start to last trial end; the samplers see different trials, so "
+            "the two sweeps' trials differ"),
+    ]  # fmt: skip
+
+
 SEED_SERVING = {  # what the seed project reported for its chat app
     "first": "about 2-3 s a response", "tokens": "50-60 on CPU, 150-200 on GPU",
     "memory": "about 4 GB (TinyLlama 1.1B)",

@@ -14,10 +14,10 @@ rows on a CPU) say so. Writes ``${paths.reports_dir}/bench/bench_<cpu|cuda>.md``
 Sections: padding (share of padding at 512), train (real tokens/s, ours vs the seed recipe;
 GPU: peak memory and MFU), eval (answers/s, batched vs one at a time), sweep (the default
 sweep with the pruner on vs off: compute spent, best objective against the objective's noise
-between two training seeds, and the per-trial overhead),
-trial (one cold ``python -m finqa_exp``: the overhead a single run pays), serve (that
-trial's logged model behind ``mlflow models serve``: start, first and warm answer,
-generated tokens/s, memory).
+between two training seeds, and the per-trial overhead), workers (the idle share of
+worker time, 2 workers in batches vs asynchronous), trial (one cold ``python -m
+finqa_exp``: the overhead a single run pays), serve (that trial's logged model behind
+``mlflow models serve``: start, first and warm answer, generated tokens/s, memory).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from finqa_exp.config import (
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("padding", "train", "eval", "sweep", "trial", "serve")
+SECTIONS = ("padding", "train", "eval", "sweep", "workers", "trial", "serve")
 # Small runs for quick=true: they check the benchmark end to end, not the targets.
 QUICK = {
     "train_examples": 24,
@@ -54,6 +54,7 @@ QUICK = {
     "confirm_top_k": 1,
     "confirm_seeds": [1],
     "serve_questions": 3,
+    "workers_trials": 3,
 }
 QUICK_TRIAL = ["train.epochs=1", "eval.max_questions=4", "eval.max_new_tokens=8"]
 
@@ -80,6 +81,10 @@ class BenchConfig:
     # more seeds): "equal best" is judged on the confirmed means.
     confirm_top_k: int = 3
     confirm_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    # Workers pair: the default study (pruner on) on `workers` joblib workers, in batches
+    # and asynchronously; each sweep runs `workers_trials` trials.
+    workers: int = 2
+    workers_trials: int = 8
     # Served champion: this many test questions, one per request (the first is the cold one).
     serve_questions: int = 12
     out_dir: str = "reports/bench"
@@ -91,6 +96,11 @@ class BenchConfig:
         for key in ("train_examples", "eval_questions", "max_new_tokens", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.workers < 2 or self.workers_trials < self.workers:
+            raise ConfigError(
+                f"need workers >= 2 and workers_trials >= workers, got {self.workers} and "
+                f"{self.workers_trials}"
+            )
         if self.serve_questions < 2:  # the first answer is the cold one; the rest are warm
             raise ConfigError(f"serve_questions must be >= 2, got {self.serve_questions}")
         if self.sweep_trials < 2 or not self.sweep_seeds:
@@ -193,6 +203,14 @@ def measure(bc: BenchConfig) -> dict[str, Any]:
             rows += table.confirmed_rows(runs, device)
             sweep_overhead = sweeps.overhead_of_sweep(next(r for r in runs if not r["pruner"]))
             raw["sweep_overhead"] = sweep_overhead
+        if "workers" in bc.sections:
+            raw["workers"] = {}
+            for schedule in ("batch", "async"):
+                log.info("workers: %d, %s, %d trials", bc.workers, schedule, bc.workers_trials)
+                raw["workers"][schedule] = sweeps.workers_run(
+                    root, cache, schedule, bc.workers_trials, bc.workers, extra
+                )
+            rows += table.worker_rows(raw["workers"], device)
         if "trial" in bc.sections or "serve" in bc.sections:
             log.info("one cold trial: python -m finqa_exp")
             cold = sweeps.cold_trial(root, cache, extra)

@@ -1,7 +1,8 @@
 """The benchmark's measurements that run our commands as a user does: the default sweep
-with and without its pruner, the objective's noise between two training seeds, a cold
-single trial. Each runs ``python -m finqa_exp`` in a fresh process and reads what the
-study and the job folder recorded."""
+with and without its pruner, the objective's noise between two training seeds, the idle
+share of two workers batched and asynchronous, a cold single trial. Each runs
+``python -m finqa_exp`` in a fresh process and reads what the study and the job folder
+recorded."""
 
 from __future__ import annotations
 
@@ -166,6 +167,42 @@ def seed_noise(root: Path, cache_dir: Path, run: dict[str, Any], extra: list[str
         "train_seed": seed,
         "value_other_seed": again,
         "noise": abs(again - best["value"]),
+    }
+
+
+def workers_run(
+    root: Path, cache_dir: Path, schedule: str, n_trials: int, workers: int, extra: list[str]
+) -> dict[str, Any]:
+    """The default study (pruner on, no confirmation) with ``workers`` joblib workers,
+    scheduled ``schedule`` (async or batch): the idle share its sweeper measured, and how
+    its trials ended."""
+    import optuna
+    import yaml
+
+    name = f"bench_workers_{schedule}"
+    sweep_dir = root / "multirun" / name
+    cmd = finqa_command(
+        root,
+        cache_dir,
+        "-m",
+        f"hydra.sweeper.study_name={name}",
+        f"hydra.sweeper.n_trials={n_trials}",
+        "hydra.sweeper.confirm.top_k=0",
+        "hydra/launcher=joblib",
+        f"hydra.launcher.n_jobs={workers}",
+        f"hydra.sweeper.n_jobs={workers}",
+        f"hydra.sweeper.schedule={schedule}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *extra,
+    )
+    wall = _run(cmd, root)
+    measured = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["workers"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{root}/studies/{name}.db")
+    states = [t.state.name for t in study.trials]
+    return {
+        **measured,
+        "command_seconds": wall,
+        "states": {s: states.count(s) for s in (names.COMPLETE, names.PRUNED, names.FAIL)},
     }
 
 

@@ -100,6 +100,26 @@ def test_first_trials_of_a_sweep_are_the_shorter_sweep():
     assert cut["best"] == 0.25 and cut["best_params"] == {"lr": 0.25}
 
 
+def test_worker_rows_compare_the_idle_share_of_the_two_schedules():
+    def run(schedule, idle, wall):
+        return {"schedule": schedule, "slots": 2, "jobs": 8, "wall_s": wall,
+                "busy_s": 2 * wall * (1 - idle), "idle_share": idle,
+                "states": {"COMPLETE": 3, "PRUNED": 5, "FAIL": 0}}  # fmt: skip
+
+    idle, wall = table.worker_rows(
+        {"batch": run("batch", 0.4, 100), "async": run("async", 0.1, 70)}, "cpu"
+    )
+    assert (idle["ours"], idle["baseline"]) == (0.1, 0.4) and idle["met"] is True
+    assert idle["value"] == pytest.approx(-0.3)
+    assert "3 complete, 5 pruned" in idle["note"] and "FAIL" not in idle["note"]
+    assert wall["value"] == pytest.approx(0.7)
+    worse = table.worker_rows(
+        {"batch": run("batch", 0.2, 100), "async": run("async", 0.3, 90)}, "cpu"
+    )
+    assert worse[0]["met"] is False
+    assert table.worker_rows({}, "cpu") == []
+
+
 def test_bad_bench_config_is_an_error():
     with pytest.raises(ConfigError, match="unknown"):
         bench.BenchConfig(sections=["train", "nope"])
@@ -107,6 +127,8 @@ def test_bad_bench_config_is_an_error():
         bench.BenchConfig(sweep_trials=8, sweep_prefix=9)
     with pytest.raises(ConfigError, match="serve_questions must be >= 2, got 1"):
         bench.BenchConfig(serve_questions=1)
+    with pytest.raises(ConfigError, match="workers_trials >= workers, got 2 and 1"):
+        bench.BenchConfig(workers_trials=1)
 
 
 @pytest.mark.slow
@@ -164,6 +186,19 @@ def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path
     assert (confirmed["ours"], confirmed["baseline"]) == (means[0], means[1])
     assert confirmed["value"] == abs(means[0] - means[1])
     assert find("sweep of 2 trials: pruner stopped")["note"].startswith("seed 0: ")
+
+    # The default study on 2 joblib workers, in batches and asynchronously.
+    workers = raw["workers"]
+    for schedule, w in workers.items():
+        assert w["schedule"] == schedule and w["slots"] == 2 and w["jobs"] == 3
+        assert sum(w["states"].values()) == 3 and w["busy_s"] <= 2 * w["wall_s"]
+        assert w["idle_share"] == pytest.approx(1 - w["busy_s"] / (2 * w["wall_s"]), abs=1e-3)
+    idle = find("idle share of worker time, 2 workers")
+    assert (idle["ours"], idle["baseline"]) == (
+        workers["async"]["idle_share"],
+        workers["batch"]["idle_share"],
+    )
+    assert idle["value"] == idle["ours"] - idle["baseline"]
 
     cold = raw["cold_trial"]
     assert 0 < cold["work_seconds"] < cold["command_seconds"]
