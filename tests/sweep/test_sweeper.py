@@ -438,12 +438,17 @@ def test_sweep_runs_trials_in_numbered_folders_and_writes_results(tmp_path):
         assert sorted(trial.intermediate_values) == [0, 1, 2]
         assert trial.user_attrs["job_pid"] == record["pid"]
     best = min(study.trials, key=lambda t: t.value)
-    assert results(tmp_path) == {
+    written = results(tmp_path)
+    workers = written.pop("workers")
+    assert written == {
         "name": "optuna",
         "study_name": "toy",
         "best_params": best.params,
         "best_value": best.value,
     }
+    # The basic launcher runs one job at a time, in the sweep's own process.
+    assert (workers["schedule"], workers["slots"], workers["jobs"]) == ("async", 1, 4)
+    assert 0 <= workers["idle_share"] < 1 and workers["busy_s"] <= workers["wall_s"]
     assert (tmp_path / "sweep" / "multirun.yaml").exists()
 
 
