@@ -23,7 +23,7 @@ endif
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev,app,postgres]" $(TORCH_PIN)
+	$(BIN)/python -m pip install -e ".[dev,app,postgres,cluster]" $(TORCH_PIN)
 	touch $@
 
 install: $(VENV)/.installed

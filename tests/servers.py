@@ -51,9 +51,14 @@ class MlflowServer:
 
 @contextmanager
 def mlflow_server(
-    backend_uri: str, folder: Path, start_timeout: float = 180.0
+    backend_uri: str,
+    folder: Path,
+    start_timeout: float = 180.0,
+    app_name: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[MlflowServer]:
-    """``mlflow server`` on 127.0.0.1 over ``backend_uri``, artifacts under ``folder``."""
+    """``mlflow server`` on 127.0.0.1 over ``backend_uri``, artifacts under ``folder``;
+    ``app_name="basic-auth"`` turns on MLflow's authentication (``env`` configures it)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = MlflowServer(
@@ -69,8 +74,9 @@ def mlflow_server(
         "--workers", "1",  # the test machine has 2 cores; one worker serves a few clients
         "--backend-store-uri", backend_uri,
         "--artifacts-destination", str(server.artifacts_dir),
+        *(["--app-name", app_name] if app_name else []),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with open(server.log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd,
@@ -219,3 +225,55 @@ def model_server(model_uri: str, tracking_uri: str, folder: Path, timeout: float
     url = f"http://127.0.0.1:{port}"
     with background_server(cmd, folder, url, "/ping", "mlflow models serve", timeout, env):
         yield url
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password: str
+
+    def env(self) -> dict[str, str]:
+        """The environment MLflow's client takes this user's credentials from."""
+        return {"MLFLOW_TRACKING_USERNAME": self.name, "MLFLOW_TRACKING_PASSWORD": self.password}
+
+
+@contextmanager
+def auth_tracking_server(
+    folder: Path, worker: str = "worker"
+) -> Iterator[tuple[MlflowServer, User]]:
+    """``mlflow server --app-name basic-auth`` on 127.0.0.1 (SQLite stores under ``folder``)
+    with a user ``worker`` created by the admin; yields the server and that user."""
+    folder.mkdir(parents=True, exist_ok=True)
+    admin = User("admin", uuid.uuid4().hex)
+    config = folder / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+        f"admin_username = {admin.name}\n"
+        f"admin_password = {admin.password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    # The auth app signs its CSRF tokens with this key (required; one per deployment).
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+    }
+    backend = f"sqlite:///{folder / 'mlflow.db'}"
+    with mlflow_server(backend, folder, app_name="basic-auth", env=env) as server:
+        from mlflow.server import get_app_client
+
+        user = User(worker, uuid.uuid4().hex)
+        saved = {k: os.environ.get(k) for k in admin.env()}
+        os.environ.update(admin.env())
+        try:
+            get_app_client("basic-auth", tracking_uri=server.url).create_user(
+                user.name, user.password
+            )
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        yield server, user

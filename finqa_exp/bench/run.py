@@ -54,7 +54,7 @@ QUICK = {
     "confirm_top_k": 1,
     "confirm_seeds": [1],
     "serve_questions": 3,
-    "workers_trials": 3,
+    "workers_trials": 2,
 }
 QUICK_TRIAL = ["train.epochs=1", "eval.max_questions=4", "eval.max_new_tokens=8"]
 

@@ -190,8 +190,8 @@ def test_quick_benchmark_runs_and_its_ratios_come_from_its_measurements(tmp_path
     # The default study on 2 joblib workers, in batches and asynchronously.
     workers = raw["workers"]
     for schedule, w in workers.items():
-        assert w["schedule"] == schedule and w["slots"] == 2 and w["jobs"] == 3
-        assert sum(w["states"].values()) == 3 and w["busy_s"] <= 2 * w["wall_s"]
+        assert w["schedule"] == schedule and w["slots"] == 2 and w["jobs"] == 2
+        assert sum(w["states"].values()) == 2 and w["busy_s"] <= 2 * w["wall_s"]
         assert w["idle_share"] == pytest.approx(1 - w["busy_s"] / (2 * w["wall_s"]), abs=1e-3)
     idle = find("idle share of worker time, 2 workers")
     assert (idle["ours"], idle["baseline"]) == (

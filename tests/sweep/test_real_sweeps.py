@@ -149,7 +149,7 @@ def files_digest(folder: Path) -> dict[str, str]:
 def test_kill_9_mid_sweep_then_the_same_command_finishes_the_study(tmp_path, cache_dir):
     args = [
         "train.epochs=3",
-        "train.batch_size=8",
+        "train.batch_size=16",
         "eval.max_new_tokens=16",
         "eval.max_questions=8",
         "hydra.sweeper.n_trials=3",
