@@ -19,6 +19,7 @@ and other signals then reach the job, as they would without a sweeper).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -33,6 +34,14 @@ SCHEDULES = ("async", "batch")
 
 _RAY_LAUNCHER = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
 _RAY_OBJECT_STORE = 78643200  # hydra-ray-launcher's object store for a Ray it starts itself
+
+
+def _bookkeeper(process: Any) -> bool:
+    """joblib's resource tracker: it runs no job, and it cleans up after the killed ones."""
+    try:
+        return any("resource_tracker" in part for part in process.cmdline())
+    except Exception:  # gone meanwhile, or not ours to read
+        return False
 
 
 def launcher_name(launcher: Any) -> str:
@@ -76,7 +85,9 @@ class WorkerTime:
 
     @property
     def idle_share(self) -> float:
-        """The share of worker time with no job: 1 - busy / (slots x wall)."""
+        """The share of worker time with no job: 1 - busy / (slots x wall). A job is busy
+        from its launch to its end, so time a job waits for a worker (a Slurm queue, a
+        launcher with fewer workers than ``n_jobs``) counts as busy."""
         if self.wall_s <= 0:
             return 0.0
         return max(0.0, 1.0 - self.busy_s / (self.slots * self.wall_s))
@@ -110,7 +121,8 @@ class JobSlots:
         self.schedule = schedule
         self.in_process = in_process
         self._running: dict[int, float] = {}  # trial number -> when its job started
-        self._ended: queue.SimpleQueue[tuple[int, Outcome, float]] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: its timed get can be interrupted by Ctrl-C.
+        self._ended: queue.Queue[tuple[int, Outcome, float]] = queue.Queue()
         self._first: float | None = None
         self._last: float | None = None
         self._busy = 0.0
@@ -136,10 +148,21 @@ class JobSlots:
             self._ended.put(self._launch(number, overrides))
             return
         threading.Thread(
-            target=lambda: self._ended.put(self._launch(number, overrides)),
+            target=self._run,
+            args=(number, overrides),
             name=f"finqa-optuna-trial-{number}",
             daemon=True,  # a sweep stopped by Ctrl-C does not wait for its jobs' threads
         ).start()
+
+    def _run(self, number: int, overrides: list[str]) -> None:
+        # Whatever comes back, an outcome is queued: a thread that died silently (a job's
+        # SystemExit re-raised by joblib) would leave its trial running forever.
+        try:
+            ended = self._launch(number, overrides)
+        except BaseException as err:
+            failed = Outcome(TrialState.FAIL, reason=describe(err), error=err)
+            ended = (number, failed, time.perf_counter())
+        self._ended.put(ended)
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
         """Block until a job ends (at most ``timeout`` s); every job ended so far, in order."""
@@ -156,6 +179,21 @@ class JobSlots:
             self._last = end if self._last is None else max(self._last, end)
             self._jobs += 1
         return [(number, outcome) for number, outcome, _ in sorted(ended, key=lambda e: e[0])]
+
+    def stop(self) -> None:
+        """Stop the jobs still running on this machine (the sweep was interrupted): the
+        launcher's processes (joblib's workers, submitit_local's jobs) are killed, as joblib
+        kills its workers when a batch of its own is interrupted. Jobs on other machines
+        (Slurm, Ray) run on; their trials are failed and queued again all the same."""
+        if not self._running or self.in_process:
+            return
+        import psutil
+
+        children = [p for p in psutil.Process().children(recursive=True) if not _bookkeeper(p)]
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(children, timeout=10)
 
     def worker_time(self) -> WorkerTime:
         """Worker time from the first job's start to the last job's end."""

@@ -86,8 +86,13 @@ class SweepRun:
             try:
                 self._fill(slots, heartbeat)
             except BaseException as err:
-                # Interrupted (Ctrl-C) or stopped: fail what is still running and queue it
-                # again, as a killed sweep's trials would be at the next start.
+                # Interrupted (Ctrl-C) or stopped: tell what has ended, stop what runs where
+                # the launcher allows it, fail the rest and queue it again, as a killed
+                # sweep's trials would be at the next start.
+                for number, outcome in slots.wait(timeout=0):
+                    heartbeat.discard(number)
+                    self._finish(number, outcome)
+                slots.stop()
                 for number in slots.running:
                     heartbeat.discard(number)
                     frozen = fail_trial(self.study, number, f"sweep interrupted: {describe(err)}")
@@ -133,12 +138,13 @@ class SweepRun:
             # The traceback for whoever debugs; the log's line for the trial comes below.
             log.debug("Trial %d failed", number, exc_info=outcome.error)
             frozen = fail_trial(self.study, number, outcome.reason or "unknown")
-            retried = outcome.lost and frozen is not None
-            if retried and enqueue_retry(self.study, frozen, self.sweep.max_retry):
+            max_retry = self.sweep.max_retry
+            if outcome.lost and frozen is not None and enqueue_retry(self.study, frozen, max_retry):
                 log.warning("Trial %d: %s; retrying it", number, outcome.reason)
                 notify(self.callbacks, "on_trial_end", self.study, frozen)
                 return
-            self.failures.append(f"trial {number}: {outcome.reason}")
+            if frozen is not None:  # else another worker failed it first, and retries it
+                self.failures.append(f"trial {number}: {outcome.reason}")
         else:
             frozen = tell(self.study, number, outcome)
         if frozen is None:

@@ -72,12 +72,13 @@ def _http_unreachable(uri: str, timeout: float) -> str | None:
         return f"cannot reach the tracking server: {_os_reason(err)}"
     if resp.status_code >= 500:
         return f"the tracking server answered HTTP {resp.status_code} {resp.reason}"
-    if resp.status_code == 401:  # a server with authentication (mlflow server --app-name ...)
+    if resp.status_code == 401 and not (creds.auth or creds.aws_sigv4):
+        # A server with authentication (mlflow server --app-name basic-auth). Other ways of
+        # signing requests (MLFLOW_TRACKING_AUTH plugins, AWS SigV4) are MLflow's to use.
         if auth or token:
-            return (
-                "the tracking server refused these credentials (HTTP 401): check "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-            )
+            names = "MLFLOW_TRACKING_TOKEN" if token else (
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")  # fmt: skip
+            return f"the tracking server refused these credentials (HTTP 401): check {names}"
         return (
             "the tracking server asks for credentials (HTTP 401): set "
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment"

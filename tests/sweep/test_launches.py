@@ -95,15 +95,38 @@ def test_an_in_process_launcher_runs_one_job_at_a_time_in_the_calling_thread():
 def test_worker_time_is_the_share_of_slot_time_without_a_job():
     assert WorkerTime(slots=2, wall_s=10.0, busy_s=15.0, jobs=3).idle_share == 0.25
     assert WorkerTime(slots=1, wall_s=0.0, busy_s=0.0, jobs=0).idle_share == 0.0
+
+
+def test_busy_time_is_each_job_from_its_start_to_its_end(monkeypatch):
+    from finqa_exp.sweep import launches
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(launches.time, "perf_counter", lambda: clock["now"])
     launcher = HeldLauncher()
     slots = JobSlots(launcher, n_jobs=2, n_values=1)
-    slots.start(0, [])
-    launcher.gate(0).set()
-    ended(slots)
+    slots.start(0, [])  # both start at 0
+    slots.start(1, [])
+    clock["now"] = 4.0
+    launcher.gate(0).set()  # job 0 ends at 4
+    assert ended(slots) == [0]
+    clock["now"] = 10.0
+    launcher.gate(1).set()  # job 1 ends at 10
+    assert ended(slots) == [1]
     measured = slots.worker_time()
-    # One job on two slots: at least half the worker time was idle.
-    assert measured.jobs == 1 and measured.slots == 2 and measured.idle_share >= 0.5
-    assert measured.busy_s <= measured.wall_s
+    assert (measured.busy_s, measured.wall_s, measured.jobs) == (14.0, 10.0, 2)
+    assert measured.idle_share == pytest.approx(0.3)  # slot 0 idle from 4 to 10 of 2 x 10
+
+
+def test_a_job_that_ends_the_launch_thread_still_fails_its_trial():
+    class Exiting(HeldLauncher):
+        def launch(self, job_overrides, initial_job_idx):
+            raise SystemExit(3)  # joblib re-raises a job's sys.exit in the launch thread
+
+    slots = JobSlots(Exiting(), n_jobs=2, n_values=1)
+    slots.start(7, [])
+    [(number, outcome)] = slots.wait(timeout=10)
+    assert number == 7 and outcome.state == TrialState.FAIL and not outcome.lost
+    assert outcome.reason == "SystemExit: 3" and slots.running == []
 
 
 def test_an_unknown_schedule_is_refused():
