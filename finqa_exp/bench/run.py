@@ -1,6 +1,6 @@
 """Benchmark: our trial and sweep against the seed project's recipe, side by side in one run.
 
-    python -m finqa_exp.bench                 # about 28 minutes on 2 CPU cores
+    python -m finqa_exp.bench                 # about 32 minutes on 2 CPU cores
     python -m finqa_exp.bench quick=true      # small sizes, to check it runs (the test)
     python -m finqa_exp.bench 'sections=[train,eval]'
 
