@@ -173,37 +173,22 @@ def seed_noise(root: Path, cache_dir: Path, run: dict[str, Any], extra: list[str
 def workers_run(
     root: Path, cache_dir: Path, schedule: str, n_trials: int, workers: int, extra: list[str]
 ) -> dict[str, Any]:
-    """The default study (pruner on, no confirmation) with ``workers`` joblib workers,
-    scheduled ``schedule`` (async or batch): the idle share its sweeper measured, and how
-    its trials ended."""
-    import optuna
+    """The default study (pruner on, sampler seed 0, no confirmation) with ``workers``
+    joblib workers, scheduled ``schedule`` (async or batch): the idle share its sweeper
+    measured, and how its trials ended."""
     import yaml
 
     name = f"bench_workers_{schedule}"
-    sweep_dir = root / "multirun" / name
-    cmd = finqa_command(
-        root,
-        cache_dir,
-        "-m",
-        f"hydra.sweeper.study_name={name}",
-        f"hydra.sweeper.n_trials={n_trials}",
-        "hydra.sweeper.confirm.top_k=0",
+    parallel = [
         "hydra/launcher=joblib",
         f"hydra.launcher.n_jobs={workers}",
         f"hydra.sweeper.n_jobs={workers}",
         f"hydra.sweeper.schedule={schedule}",
-        f"hydra.sweep.dir={sweep_dir}",
-        *extra,
-    )
-    wall = _run(cmd, root)
-    measured = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["workers"]
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{root}/studies/{name}.db")
-    states = [t.state.name for t in study.trials]
-    return {
-        **measured,
-        "command_seconds": wall,
-        "states": {s: states.count(s) for s in (names.COMPLETE, names.PRUNED, names.FAIL)},
-    }
+    ]
+    run = sweep_run(root, cache_dir, name, 0, n_trials, True, [*parallel, *extra])
+    results = root / "multirun" / name / "optimization_results.yaml"
+    measured = yaml.safe_load(results.read_text())["workers"]
+    return {**measured, "command_seconds": run["command_seconds"], "states": run["states"]}
 
 
 def overhead_of_sweep(run: dict[str, Any]) -> dict[str, Any]:

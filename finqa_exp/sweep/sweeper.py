@@ -175,7 +175,9 @@ class StudySweep:
                 "jobs in other processes that cannot reach it: set hydra.sweeper.storage, e.g. "
                 "journal:///abs/path/study.log or sqlite:////abs/path/study.db"
             )
-        if self.n_jobs == 1 and not self.in_process(launcher):
+        # A launcher without n_jobs of its own (submitit, ray) leaves n_jobs at 1.
+        no_own = "n_jobs" not in self.config.hydra.launcher
+        if self.n_jobs == 1 and no_own and not self.in_process(launcher):
             log.warning(
                 "hydra.sweeper.n_jobs=1: %s runs one trial at a time; set hydra.sweeper.n_jobs "
                 "to keep more trials in flight",
