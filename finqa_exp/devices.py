@@ -32,6 +32,9 @@ from finqa_exp.errors import BadInput
 
 if TYPE_CHECKING:
     import torch
+    from transformers import TrainingArguments
+
+    from finqa_exp.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +237,36 @@ def peak_memory(dev: torch.device) -> PeakMemory:
     # ru_maxrss is in KiB on Linux; it is the process's peak, so it includes loading.
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return PeakMemory("cpu_max_rss", {"peak_memory_mb": rss_mb})
+
+
+def mixed_precision(train: TrainConfig, dev: torch.device) -> dict[str, bool]:
+    """Trainer's bf16/fp16 flags: autocast only on GPU, bf16 where the GPU computes in it
+    natively, fp16 on older GPUs (T4, V100)."""
+    choice = train.mixed_precision
+    if dev.type != "cuda" or choice == "no":
+        return {"bf16": False, "fp16": False}
+    if choice == "auto":
+        choice = "bf16" if native_bf16(dev) else "fp16"
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
+class BatchSizeError(RuntimeError):
+    """The Trainer would train on other batches than the config asks for."""
+
+
+def check_batch_size(args: TrainingArguments, batch_size: int) -> int:
+    """The batch the optimizer sees per step and device; must be ``train.batch_size``.
+
+    In one process on a machine with several GPUs, the Trainer multiplies the per-device
+    batch by the GPU count (``n_gpu``), even for 4-bit models, which it never wraps in
+    DataParallel: batch 8 on an 8-GPU node would train on batches of 64 on one GPU and be
+    recorded as 8. finqa_exp.devices pins each trial process to one GPU; this checks it.
+    """
+    seen = args.train_batch_size
+    if seen != batch_size:
+        raise BatchSizeError(
+            f"the Trainer would train on batches of {seen}, not train.batch_size={batch_size}: "
+            f"this process sees {args.n_gpu} GPUs; give each trial one GPU "
+            f"(CUDA_VISIBLE_DEVICES, or hydra/launcher=per_gpu)"
+        )
+    return seen

@@ -8,6 +8,7 @@ to an Optuna trial so a pruner can stop a bad trial early.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -23,9 +24,10 @@ from transformers import (
     TrainingArguments,
 )
 
+from finqa_exp import checkpoints
 from finqa_exp.config import TrainConfig
 from finqa_exp.data import IGNORE_INDEX
-from finqa_exp.devices import native_bf16
+from finqa_exp.devices import check_batch_size, mixed_precision
 from finqa_exp.tracking import Tracker, names
 
 log = logging.getLogger(__name__)
@@ -35,21 +37,11 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the trial cannot go on."""
 
 
-def mixed_precision(train: TrainConfig, dev: torch.device) -> dict[str, bool]:
-    """Trainer's bf16/fp16 flags: autocast only on GPU, bf16 where the GPU computes in it
-    natively, fp16 on older GPUs (T4, V100)."""
-    choice = train.mixed_precision
-    if dev.type != "cuda" or choice == "no":
-        return {"bf16": False, "fp16": False}
-    if choice == "auto":
-        choice = "bf16" if native_bf16(dev) else "fp16"
-    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
-
-
 def training_arguments(
     train: TrainConfig, output_dir: str | Path, dev: torch.device, has_eval: bool
 ) -> TrainingArguments:
-    """``train`` as transformers TrainingArguments (no checkpoints: the adapter is saved once)."""
+    """``train`` as transformers TrainingArguments (checkpoints only where
+    finqa_exp.checkpoints.Checkpointing asks: after a sweep trial's evals)."""
     return TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
@@ -96,6 +88,10 @@ def collator(tokenizer: Any, dev: torch.device) -> DataCollatorForSeq2Seq:
 class LossHistory:
     train: list[tuple[int, float]] = field(default_factory=list)
     eval: list[tuple[int, float]] = field(default_factory=list)
+
+
+# What MetricsCallback logs by step: a resumed trial's run copies them from the run before.
+STEP_METRICS = ("train_loss", "learning_rate", "grad_norm", "eval_loss")
 
 
 class MetricsCallback(TrainerCallback):
@@ -185,6 +181,12 @@ class FractionalEpochEval(TrainerCallback):
         self.schedule = schedule
         self.passed = 0
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Resumed from a checkpoint, the checks before it have passed.
+        n = self.schedule.train_examples
+        seen = examples_seen(state.epoch or 0.0, args.train_batch_size, n)
+        self.passed = self.schedule.passed(seen)
+
     def on_step_end(self, args, state, control, **kwargs):
         seen = examples_seen(
             state.epoch or 0.0, args.train_batch_size, self.schedule.train_examples
@@ -273,6 +275,16 @@ class _Trainer(Trainer):
         with torch.random.fork_rng(devices=devices):
             return super().evaluate(*args, **kwargs)
 
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        # Each epoch's length-grouped order from its own seed: a resume replays it.
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is checkpoints.LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return checkpoints.SeededLengthGroupedSampler(
+                sampler.batch_size, lengths=sampler.lengths, seed=seed
+            )
+        return sampler
+
 
 def extra_callbacks(specs: dict[str, Any]) -> list[TrainerCallback]:
     """``train.callbacks`` instantiated (``_target_`` objects), in name order."""
@@ -281,36 +293,26 @@ def extra_callbacks(specs: dict[str, Any]) -> list[TrainerCallback]:
     return [instantiate(specs[name]) for name in sorted(specs)]
 
 
-class BatchSizeError(RuntimeError):
-    """The Trainer would train on other batches than the config asks for."""
-
-
-def check_batch_size(args: TrainingArguments, batch_size: int) -> int:
-    """The batch the optimizer sees per step and device; must be ``train.batch_size``.
-
-    In one process on a machine with several GPUs, the Trainer multiplies the per-device
-    batch by the GPU count (``n_gpu``), even for 4-bit models, which it never wraps in
-    DataParallel: batch 8 on an 8-GPU node would train on batches of 64 on one GPU and be
-    recorded as 8. finqa_exp.devices pins each trial process to one GPU; this checks it.
-    """
-    seen = args.train_batch_size
-    if seen != batch_size:
-        raise BatchSizeError(
-            f"the Trainer would train on batches of {seen}, not train.batch_size={batch_size}: "
-            f"this process sees {args.n_gpu} GPUs; give each trial one GPU "
-            f"(CUDA_VISIBLE_DEVICES, or hydra/launcher=per_gpu)"
-        )
-    return seen
-
-
 @dataclass
 class TrainResult:
-    runtime_s: float
-    tokens_seen: int
-    tokens_per_s: float
+    runtime_s: float  # of this run (a resumed one: from its checkpoint on)
+    tokens_seen: int  # by the adapter in all, a resumed trial's earlier steps included
+    tokens_per_s: float  # of this run
     steps: int
     history: LossHistory
     batch_size: int  # per optimizer step and device, as the Trainer ran it
+    resumed_from_step: int = 0  # the checkpoint's step, if this run resumed one
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> LossHistory:
+    """Train and eval losses by step from the Trainer's log (a checkpoint's too)."""
+    history = LossHistory()
+    for entry in log_history:
+        if "loss" in entry:
+            history.train.append((entry["step"], float(entry["loss"])))
+        if "eval_loss" in entry:
+            history.eval.append((entry["step"], float(entry["eval_loss"])))
+    return history
 
 
 def train(
@@ -323,8 +325,13 @@ def train(
     dev: torch.device,
     tracker: Tracker,
     extra_callbacks: list[TrainerCallback] | None = None,
+    plan: checkpoints.Plan | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` (a peft model) in place and return timing and loss history."""
+    """Fine-tune ``model`` (a peft model) in place and return timing and loss history.
+
+    With a checkpoint ``plan``, a checkpoint follows each eval, and training resumes from
+    ``plan.resume_from`` if there is one; SIGTERM then saves one and stops the run
+    (finqa_exp/checkpoints.py)."""
     history = LossHistory()
     callbacks: list[TrainerCallback] = [MetricsCallback(tracker, history)]
     schedule = eval_schedule(cfg, len(train_ds))
@@ -334,6 +341,14 @@ def train(
         and (schedule.first > 1 or schedule.per_epoch > 1)
     ):
         callbacks.append(FractionalEpochEval(schedule))
+    resume_from, tokens_before, resumed_step = None, 0, 0
+    if plan is not None:
+        output_dir = plan.folder
+        callbacks.append(checkpoints.Checkpointing())
+        if plan.resume_from is not None:
+            resume_from = str(plan.resume_from)
+            saved = checkpoints.saved_state(plan.resume_from)
+            tokens_before, resumed_step = saved["num_input_tokens_seen"], saved["global_step"]
     trainer = _Trainer(
         model=model,
         args=training_arguments(cfg, output_dir, dev, has_eval=eval_ds is not None),
@@ -345,14 +360,27 @@ def train(
     )
     batch_size = check_batch_size(trainer.args, cfg.batch_size)
     start = time.perf_counter()
-    trainer.train()
+    with _stops_on_sigterm(plan is not None):
+        trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - start
     tokens = int(trainer.state.num_input_tokens_seen)
+    new_tokens = tokens - tokens_before
     return TrainResult(
         runtime_s=runtime,
         tokens_seen=tokens,
-        tokens_per_s=tokens / runtime if runtime > 0 else 0.0,
+        tokens_per_s=new_tokens / runtime if runtime > 0 else 0.0,
         steps=trainer.state.global_step,
-        history=history,
+        # The whole run's, from the Trainer's log: a resumed run's starts at its checkpoint.
+        history=loss_history(trainer.state.log_history) if resume_from else history,
         batch_size=batch_size,
+        resumed_from_step=resumed_step,
     )
+
+
+def _stops_on_sigterm(checkpointing: bool) -> Any:
+    """In a sweep job, SIGTERM during training waits for Checkpointing to save and stop."""
+    if not checkpointing:
+        return contextlib.nullcontext()
+    from finqa_exp.sweep.resume import deferred
+
+    return deferred()

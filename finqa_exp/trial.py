@@ -30,7 +30,7 @@ from finqa_exp.tracking import names
 from finqa_exp.tracking.trial_run import TrialRun, trial_run_name, trial_run_tags
 
 if TYPE_CHECKING:
-    from finqa_exp import evaluation, modeling
+    from finqa_exp import checkpoints, evaluation, modeling
     from finqa_exp.training import LossHistory, TrainResult
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,20 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
     splits = load_data(conf)  # DataError: files, columns, sizes
     tracker = tracker or tracking.make_tracker(conf.tracking)  # TrackingError: unreachable
     # torch, transformers and bitsandbytes take seconds to import: only for good input.
-    from finqa_exp import devices, evaluation, modeling
+    from finqa_exp import checkpoints, devices, evaluation, modeling
 
     evaluator = evaluation.Evaluator.from_config(conf)  # MetricError: cannot load a metric
     check_objective_names(conf, evaluator.score_names())  # ConfigError: not a logged metric
     dev = devices.device()  # this process's one GPU, pinned before CUDA starts, or the CPU
     trial = _sweep_trial()
+    plan = checkpoints.plan(conf, trial)  # where it checkpoints, and what it resumes
     name, tags = trial_run_name(conf, trial), trial_run_tags(conf, devices.describe_device(dev))
     # A failed or pruned trial's adapter, gradients and optimizer states go at once.
     on_failure = modeling.shared_base.discard_adapter
-    with TrialRun(tracker, name, tags, trial, conf.paths.output_dir, start, on_failure) as run:
+    with (
+        TrialRun(tracker, name, tags, trial, conf.paths.output_dir, start, on_failure) as run,
+        checkpoints.owned(plan),  # removed once the trial ends, kept if it is stopped
+    ):
         run.log_config(flatten(cfg), OmegaConf.to_yaml(cfg, resolve=True))
         with run.phase("load"):
             base = modeling.load_base(conf, splits, dev)
@@ -85,7 +89,7 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
         before = evaluation.base_answers(evaluator, conf, base, test, timed)
         with run.phase("add_lora"):
             adapter = modeling.add_adapter(conf, base)
-        trained = train_adapter(conf, adapter, base, run)
+        trained = train_adapter(conf, adapter, base, run, plan)
         with run.phase("generate_tuned"):
             after = evaluator.answer(adapter.model, base.tokenizer, test)
         log.info("tuned scores: %s", evaluation.format_scores(after.scores))
@@ -130,9 +134,14 @@ def load_data(conf: FinqaConfig) -> data_lib.Splits:
 
 
 def train_adapter(
-    conf: FinqaConfig, adapter: modeling.Adapter, base: modeling.Base, run: TrialRun
+    conf: FinqaConfig,
+    adapter: modeling.Adapter,
+    base: modeling.Base,
+    run: TrialRun,
+    plan: checkpoints.Plan | None = None,
 ) -> TrainResult:
-    """Fine-tune the adapter; inside a sweep, eval losses go to the Optuna trial's pruner."""
+    """Fine-tune the adapter; inside a sweep, eval losses go to the Optuna trial's pruner,
+    and a retried trial resumes its checkpoint."""
     from finqa_exp import training
 
     # Logged before training, so that a pruned run too says how long it was to be: the
@@ -149,12 +158,40 @@ def train_adapter(
         maximize = conf.objective.directions[0] == "maximize"
         schedule = training.eval_schedule(conf.train, n)
         callbacks.append(training.PruningCallback(run.trial, maximize, n, schedule))
+    if plan is not None and plan.resume_from is not None:
+        continue_attempt(plan, run, conf.train.batch_size, n)
     out_dir = Path(conf.paths.output_dir) / "trainer"
     with run.phase("train"):
         return training.train(
             adapter.model, base.tokenizer, base.train_ds, base.eval_ds, conf.train, out_dir,
-            base.device, run.tracker, callbacks,
+            base.device, run.tracker, callbacks, plan,
         )  # fmt: skip
+
+
+def continue_attempt(plan: checkpoints.Plan, run: TrialRun, batch_size: int, n: int) -> None:
+    """A retry resuming its chain's checkpoint takes over what the attempt before it had
+    recorded up to there: the pruner's intermediate values, and the run's loss curves."""
+    from finqa_exp import checkpoints, training
+
+    assert plan.resume_from is not None
+    saved = checkpoints.saved_state(plan.resume_from)
+    step, epoch = saved["global_step"], saved["epoch"]
+    prev = plan.previous
+    log.info(
+        "resuming from %s: step %d of trial %s, epoch %.2f (%d training examples done)",
+        plan.resume_from, step, prev.number if prev else "?", epoch,
+        training.examples_seen(epoch, batch_size, n),
+    )  # fmt: skip
+    if prev is None:
+        return
+    if run.trial is not None:
+        seen = training.examples_seen(epoch, batch_size, n)
+        for at, value in sorted(prev.intermediate_values.items()):
+            if at <= seen:
+                run.trial.report(value, at)
+    prev_run = prev.user_attrs.get(names.RUN_ID_ATTR)
+    if prev_run and run.run_id:
+        run.tracker.continue_from(prev_run, step, training.STEP_METRICS)
 
 
 def trial_metrics(
@@ -178,6 +215,8 @@ def trial_metrics(
         "trainable_params": float(trainable),
         "gradient_checkpointing": float(adapter.checkpointing),
     }
+    if trained.resumed_from_step:
+        metrics["resumed_from_step"] = float(trained.resumed_from_step)
     if trained.history.eval:
         metrics["eval_loss"] = trained.history.eval[-1][1]
     if trained.history.train:

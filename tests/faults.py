@@ -127,3 +127,26 @@ class WatchAndRaiseAt(RaiseAt):
             lora = [p for n, p in model.named_parameters() if "lora_" in n]
             WATCHED[:] = [weakref.ref(x) for x in (model, optimizer, *lora)]
         super().on_step_end(args, state, control, **kwargs)
+
+
+class SignalAt(_Fault):
+    """Sends this process ``signal`` (SIGTERM: preemption; SIGKILL: ``kill -9``) at the end
+    of optimizer step ``step``, as Slurm or a user would from outside, at a known point."""
+
+    kind = "signal"
+
+    def __init__(
+        self, step: int, signal: str = "SIGTERM", trial: int | None = None,
+        record: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(trial, record)
+        self.step = step
+        self.signal = signal
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import signal as signals
+        import time
+
+        if state.global_step == self.step and self.armed():
+            self.note(step=self.step, signal=self.signal, epoch=state.epoch, at=time.time())
+            os.kill(os.getpid(), getattr(signals, self.signal))

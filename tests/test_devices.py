@@ -137,19 +137,19 @@ def test_only_native_bf16_counts(monkeypatch, capability, dtype, flags):
     assert torch.cuda.is_bf16_supported()
     assert devices.native_bf16(dev) == (capability[0] >= 8)
     assert modeling.resolve_dtype("auto", dev) == dtype
-    assert training.mixed_precision(TrainConfig(), dev) == flags
+    assert devices.mixed_precision(TrainConfig(), dev) == flags
 
 
 def test_trainer_batch_must_be_the_configured_batch(tmp_path):
     cfg = TrainConfig(batch_size=8)
     args = training.training_arguments(cfg, tmp_path, torch.device("cpu"), has_eval=False)
-    assert training.check_batch_size(args, 8) == 8
+    assert devices.check_batch_size(args, 8) == 8
     # What the Trainer does in one process that sees 8 GPUs: 8 x 8 per step on cuda:0.
     assert args.n_gpu == 0
     args._n_gpu = 8
     assert args.train_batch_size == 64
-    with pytest.raises(training.BatchSizeError, match=r"batches of 64, not train\.batch_size=8"):
-        training.check_batch_size(args, 8)
+    with pytest.raises(devices.BatchSizeError, match=r"batches of 64, not train\.batch_size=8"):
+        devices.check_batch_size(args, 8)
 
 
 def test_per_gpu_launcher_runs_a_trial_on_each_gpu_at_a_time(monkeypatch):

@@ -100,7 +100,7 @@ def test_native_bf16_follows_the_compute_capability():
     native = torch.cuda.get_device_capability(dev)[0] >= 8
     assert devices.native_bf16(dev) == native
     assert modeling.resolve_dtype("auto", dev) == (torch.bfloat16 if native else torch.float16)
-    flags = training.mixed_precision(TrainConfig(), dev)
+    flags = devices.mixed_precision(TrainConfig(), dev)
     assert flags == {"bf16": native, "fp16": not native}
 
 

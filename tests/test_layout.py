@@ -18,6 +18,7 @@ LAYERS = [
     {"tracking"},
     {"data", "prompts", "metrics", "stats"},
     {"modeling", "tiny"},
+    {"checkpoints"},
     {"training", "evaluation"},
     {"serving"},
     {"trial"},

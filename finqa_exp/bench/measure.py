@@ -177,7 +177,7 @@ def seed_args(output_dir: Path, dev: torch.device) -> Any:
         remove_unused_columns=False,
         use_cpu=dev.type != "cuda",
         disable_tqdm=True,
-        **training.mixed_precision(TrainConfig(), dev),
+        **devices.mixed_precision(TrainConfig(), dev),
     )
 
 

@@ -39,6 +39,7 @@ from finqa_exp.config import (
     QuantConfig,
     register_configs,
 )
+from finqa_exp.devices import mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def model_rows(
     import torch
 
     from finqa_exp import data as data_lib
-    from finqa_exp import modeling, training
+    from finqa_exp import modeling
     from finqa_exp.bench import measure as m
     from finqa_exp.config import TrainConfig
 
@@ -271,7 +272,7 @@ def model_rows(
         subset = train_ds.select(range(min(bc.train_examples, len(train_ds))))
         log.info("training pair: %d examples, ours then the seed recipe", len(subset))
         pair = m.training_pair(base, tokenizer, subset, dev)
-        flags = training.mixed_precision(TrainConfig(), dev)
+        flags = mixed_precision(TrainConfig(), dev)
         pair["precision"] = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
         if device == "cuda":
             peak = m.bf16_peak_flops(dev)

@@ -214,6 +214,10 @@ class TrainConfig:
     evals_first_epoch: int | None = None
     # Batches of similar length waste less compute on padding.
     group_by_length: bool = True
+    # In a sweep with persistent storage: a checkpoint after each eval check (the newest
+    # only, removed when the trial ends), so a killed or preempted trial's retry resumes
+    # there instead of at step 0 (finqa_exp/checkpoints.py).
+    checkpoints: bool = True
     # bf16/fp16 autocast on GPU; "auto" picks bf16 where supported.
     mixed_precision: str = "auto"
     # Extra transformers TrainerCallbacks by name, each a `_target_` object for
@@ -348,6 +352,7 @@ class PathsConfig:
     output_dir: str = "outputs"
     studies_dir: str = "studies"
     reports_dir: str = "reports"
+    checkpoints_dir: str = "checkpoints"
 
 
 @dataclass

@@ -49,6 +49,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from finqa_exp.sweep.job import Heartbeat, TrialJob
 from finqa_exp.sweep.launches import JobSlots
+from finqa_exp.sweep.resume import discard_checkpoint
 from finqa_exp.sweep.search_space import SearchSpace, format_value, trial_overrides
 from finqa_exp.sweep.study_book import (
     Outcome,
@@ -296,6 +297,7 @@ class ConfirmRun:
                 reason = f"stale: no heartbeat for {silence:.0f}s, its sweep process died"
                 frozen = fail_trial(confirm, trial.number, reason)
                 if frozen is not None:
+                    discard_checkpoint(frozen)  # its pair runs again as a new trial
                     log.warning("Confirmation %d was left RUNNING (%s)", trial.number, reason)
                     notify(self.callbacks, "on_trial_end", confirm, frozen)
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 
+from finqa_exp.sweep.resume import sigterm_preempts
 from finqa_exp.sweep.study_book import HEARTBEAT_ATTR, WORKER_ATTR, set_trial_attr, trial_id
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ class TrialJob:
         token = _current_trial.set(_bind_trial(study, number))
         failed = False
         try:
-            return self.task_function(cfg)
+            with sigterm_preempts():  # SIGTERM: the job stops, its trial is retried
+                return self.task_function(cfg)
         except BaseException as err:
             failed = True
             drop_frames(err)

@@ -28,6 +28,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
+from finqa_exp.sweep.resume import TrialPreempted
 from finqa_exp.sweep.study_book import Outcome, describe, job_outcome
 
 SCHEDULES = ("async", "batch")
@@ -204,6 +205,11 @@ class JobSlots:
         try:
             (ret,) = self.launcher.launch([overrides], initial_job_idx=number)
             outcome = job_outcome(ret, self.n_values)
+        except TrialPreempted as err:
+            if self.in_process:
+                raise  # this process was told to stop: the sweep stops (SweepRun.execute)
+            # A worker was (a Slurm job preempted, a spot node reclaimed): retry its trial.
+            outcome = Outcome(TrialState.FAIL, reason=f"preempted: {err}", error=err, lost=True)
         except Exception as err:  # the launcher itself broke, e.g. a dead node
             outcome = Outcome(
                 TrialState.FAIL, reason=f"job lost: {describe(err)}", error=err, lost=True

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from finqa_exp.sweep.confirm import notify
 from finqa_exp.sweep.job import Heartbeat
 from finqa_exp.sweep.launches import JobSlots, WorkerTime
+from finqa_exp.sweep.resume import TrialPreempted, discard_checkpoint, sigterm_preempts
 from finqa_exp.sweep.search_space import SearchSpace
 from finqa_exp.sweep.search_space import trial_overrides as params_to_overrides
 from finqa_exp.sweep.study_book import (
@@ -82,7 +83,7 @@ class SweepRun:
             self.sweep.schedule,
             self.in_process,
         )
-        with Heartbeat(self.study, self.sweep.heartbeat_interval) as heartbeat:
+        with Heartbeat(self.study, self.sweep.heartbeat_interval) as heartbeat, sigterm_preempts():
             try:
                 self._fill(slots, heartbeat)
             except BaseException as err:
@@ -98,6 +99,12 @@ class SweepRun:
                     frozen = fail_trial(self.study, number, f"sweep interrupted: {describe(err)}")
                     if frozen is not None:
                         enqueue_retry(self.study, frozen, self.sweep.max_retry)
+                if isinstance(err, TrialPreempted) and slots.running:
+                    log.warning(
+                        "Sweep stopped by SIGTERM: trials %s are queued again and resume from "
+                        "their last checkpoint when the same command runs again",
+                        slots.running,
+                    )
                 raise
         return slots.worker_time()
 
@@ -145,6 +152,7 @@ class SweepRun:
                 return
             if frozen is not None:  # else another worker failed it first, and retries it
                 self.failures.append(f"trial {number}: {outcome.reason}")
+                discard_checkpoint(frozen)  # failed for good: nothing will resume it
         else:
             frozen = tell(self.study, number, outcome)
         if frozen is None:
@@ -202,6 +210,8 @@ class SweepRun:
             if frozen is None:
                 continue  # another worker failed it first, and retries it
             retried = enqueue_retry(self.study, frozen, self.sweep.max_retry)
+            if not retried:
+                discard_checkpoint(frozen)
             log.warning(
                 "Trial %d was left RUNNING (%s)%s",
                 trial.number,

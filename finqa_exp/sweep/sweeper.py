@@ -44,6 +44,7 @@ from finqa_exp.sweep.job import TrialJob
 # The objective's handle on its trial, documented as finqa_exp.sweep.sweeper.current_trial().
 from finqa_exp.sweep.job import current_trial as current_trial
 from finqa_exp.sweep.launches import SCHEDULES, launcher_name, prepare_launcher
+from finqa_exp.sweep.resume import PREEMPTED_EXIT, TrialPreempted
 from finqa_exp.sweep.rounds import SweepRun
 from finqa_exp.sweep.search_space import SearchSpace, parse_search_space
 from finqa_exp.sweep.study_book import (
@@ -220,6 +221,10 @@ class StudySweep:
                     )
             # Only once the study has all its trials: the top k are final then.
             ConfirmRun(self, study, space, self.confirm, callbacks).execute()
+        except TrialPreempted as err:
+            # Told to stop (SIGTERM): the trials in flight are queued again (SweepRun).
+            print(f"stopped: {err}; run the same command to resume", file=sys.stderr)
+            raise SystemExit(PREEMPTED_EXIT) from err
         finally:
             results = study_results(study)
             if workers is not None and workers.jobs:

@@ -24,6 +24,9 @@ PEAK_MEMORY_KIND_TAG = "peak_memory_kind"  # what peak_memory_mb measured
 MODEL_TAG, DATA_TAG, EXPERIMENT_TAG = "model", "data", "experiment"  # config names
 # Of a confirmation run (finqa_exp/sweep/confirm.py): the trial it trains again, its seed.
 CONFIRMS_TAG, SEED_TAG = "confirms", "seed"
+# A retried trial that resumed a checkpoint: its run names the run it continues and the
+# step it resumed at; that run names it back.
+RESUMED_FROM_TAG, RESUMED_AT_TAG, RESUMED_BY_TAG = "resumed_from", "resumed_at_step", "resumed_by"
 # Of a champion's registered version: the values its study searched, "key=value, ...".
 SEARCHED_TAG = "searched"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from finqa_exp.config import TrackingConfig
+from finqa_exp.tracking import names
 from finqa_exp.tracking.reach import TrackingError, check_reachable, redact
 
 # MLflow run statuses by how a trial ended.
@@ -33,6 +34,7 @@ class Tracker(Protocol):
     def log_model(self, name: str, code_path: str | Path, artifacts: dict[str, str],
                   model_config: dict[str, Any], example: tuple[list[str], list[str]],
                   params: dict[str, Any], tags: dict[str, str]) -> str | None: ...  # fmt: skip
+    def continue_from(self, run_id: str, up_to_step: int, keys: tuple[str, ...]) -> None: ...
     def end_run(self, status: str) -> None: ...
 
 
@@ -64,6 +66,9 @@ class NullTracker:
 
     def log_model(self, name, code_path, artifacts, model_config, example, params, tags):
         return None
+
+    def continue_from(self, run_id, up_to_step, keys):
+        pass
 
     def end_run(self, status):
         pass
@@ -150,6 +155,23 @@ class MlflowTracker:
             self.client, self.experiment_id, self.run_id, name, code_path, artifacts,
             model_config, example, params, tags,
         )  # fmt: skip
+
+    def continue_from(self, run_id, up_to_step, keys):
+        """This run continues run ``run_id`` (a trial resumed from its checkpoint): the
+        histories of ``keys`` up to ``up_to_step`` are copied here, so that its curves start
+        at step 0, and each run names the other in a tag."""
+        from mlflow.entities import Metric
+
+        items = [
+            Metric(key, m.value, m.timestamp, m.step)
+            for key in keys
+            for m in self.client.get_metric_history(run_id, key)
+            if m.step <= up_to_step
+        ]
+        for start in range(0, len(items), 1000):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+        self.set_tags({names.RESUMED_FROM_TAG: run_id, names.RESUMED_AT_TAG: str(up_to_step)})
+        self.client.set_tag(run_id, names.RESUMED_BY_TAG, self.run_id)
 
     def end_run(self, status):
         if self.run_id is not None:

@@ -168,9 +168,11 @@ class TrialRun:
                 self.on_failure()
             except Exception as cleanup_err:  # the trial's own error is the one to report
                 log.warning("could not clean up after the ended trial: %s", cleanup_err)
+        from finqa_exp.sweep.resume import TrialPreempted
+
         pruned = isinstance(err, optuna.TrialPruned)
-        if pruned:
-            self.status = KILLED
+        if pruned or isinstance(err, (TrialPreempted, KeyboardInterrupt)):
+            self.status = KILLED  # stopped from outside: its retry resumes it
         # A pruned or failed trial's time counts too (the benchmark sums compute by state).
         timings = self.timings()
         try:

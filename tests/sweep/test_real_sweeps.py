@@ -146,62 +146,98 @@ def files_digest(folder: Path) -> dict[str, str]:
     }
 
 
-def test_kill_9_mid_sweep_then_the_same_command_finishes_the_study(tmp_path, cache_dir):
+def test_kill_9_and_sigterm_mid_trial_then_the_same_command_resumes_them(tmp_path, cache_dir):
+    """Three trials with the same params, so trial 0 is what the others must end as.
+
+    Run 1: trial 0 runs through; trial 1 is killed (-9) at step 38 of 63 (60 %), after
+    its check at step 37. Run 2: the stale trial 1 is failed and retried as trial 2, which
+    resumes its checkpoint (not the later one cut off while being written); trial 3 gets
+    SIGTERM at step 20, saves a checkpoint at once and the sweep stops. Run 3 resumes it
+    as trial 4. Each retry ends with trial 0's losses and ROUGE.
+    """
     args = [
         "train.epochs=3",
         "train.batch_size=16",
+        "train.learning_rate=2e-3",
+        "train.evals_per_epoch=4",
+        "lora.dropout=0.1",
         "eval.max_new_tokens=16",
         "eval.max_questions=8",
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.confirm.top_k=0",
         "hydra/sweeper/pruner=none",
+        "hydra.sweeper.params={lora.r: 'choice(8)'}",  # every trial the same
         "hydra.sweeper.heartbeat_interval=1",
         "hydra.sweeper.grace_period=5",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FINQA_EXP_ROOT": str(tmp_path)}
-    cmd = sweep_command(tmp_path, cache_dir, *args)
-    storage = f"sqlite:///{tmp_path}/studies/finqa_tiny_finqa_sample.db"
-    first = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    # Kill once trial 0 is done and trial 1 has been training for a moment.
-    deadline = time.time() + 600
-    killed_at = None
-    while time.time() < deadline and first.poll() is None:
-        time.sleep(0.5)
-        try:
-            trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
-        except Exception:  # study not created yet
-            continue
-        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-        if len(trials) == 2 and running and "mlflow_run_id" in running[0].user_attrs:
-            time.sleep(3)
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-            killed_at = running[0].number
-            break
-    assert killed_at == 1, "the sweep finished before it could be killed"
-    before = files_digest(tmp_path / "multirun" / "0")
+    faults = tmp_path / "faults.jsonl"
 
-    again = sweep(tmp_path, cache_dir, *args)
-    assert again.returncode == 0, again.stderr[-3000:]
+    def fault(step: int, sig: str, trial: int) -> str:
+        return (
+            f"+train.callbacks.f={{_target_: tests.faults.SignalAt, step: {step}, "
+            f"signal: {sig}, trial: {trial}, record: '{faults}'}}"
+        )
+
+    storage = f"sqlite:///{tmp_path}/studies/{STUDY}.db"
+    ckpts = tmp_path / "checkpoints" / STUDY
+
+    first = sweep(tmp_path, cache_dir, *args, fault(38, "SIGKILL", 1))
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert [p.name for p in (ckpts / "trial-1").iterdir()] == ["checkpoint-37"]
+    before = files_digest(tmp_path / "multirun" / "0")
+    cut = ckpts / "trial-1" / "checkpoint-42"  # as if killed while saving at the next check
+    cut.mkdir()
+    (cut / "adapter_model.safetensors").write_bytes(b"half")
+
+    second = sweep(tmp_path, cache_dir, *args, fault(20, "SIGTERM", 3))
+    ended = time.time()
+    assert second.returncode == 128 + signal.SIGTERM, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "checkpoint-37: step 37 of trial 1" in log  # "resuming from ...", in the job's log
+    assert "checkpoint-42 (incomplete)" in log
+    assert second.stderr.strip().splitlines()[-1].startswith("stopped: ")
+    signalled = [json.loads(line) for line in faults.read_text().splitlines()][-1]
+    print(f"SIGTERM to exit: {ended - signalled['at']:.1f} s (the command's end included)")
+    assert ended - signalled["at"] < 10
+    assert [p.name for p in (ckpts / "trial-3").iterdir()] == ["checkpoint-21"]
+
+    third = sweep(tmp_path, cache_dir, *args)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "checkpoint-21: step 21 of trial 3" in third.stdout + third.stderr
 
     trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
-    states = [t.state.name for t in trials]
-    print(f"trials after kill -9 and re-run: {states}")
-    assert states.count("RUNNING") == 0
-    assert states.count("COMPLETE") == 3  # exactly n_trials finished
-    killed = trials[killed_at]
-    assert killed.state.name == "FAIL" and killed.user_attrs["fail_reason"].startswith("stale")
-    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed_at]
-    assert len(retries) == 1 and retries[0].params == killed.params
-    assert retries[0].state.name == "COMPLETE"
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["fail_reason"].startswith("stale")
+    assert "TrialPreempted: SIGTERM at step 21" in trials[3].user_attrs["fail_reason"]
+    assert [t.system_attrs.get("failed_trial") for t in trials] == [None, None, 1, None, 3]
     assert files_digest(tmp_path / "multirun" / "0") == before  # not overwritten
-    assert sorted(p.name for p in (tmp_path / "multirun").glob("[0-9]*")) == [
-        str(t.number) for t in trials
-    ]
+    assert not ckpts.exists() or list(ckpts.iterdir()) == []  # each chain removed its own
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("finqa").experiment_id])
-    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
-    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    runs = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials}
+    assert [runs[n].info.status for n in range(5)] == [
+        "FINISHED", "FAILED", "FINISHED", "KILLED", "FINISHED",
+    ]  # fmt: skip
+    assert "TrialPreempted" in runs[3].data.tags["error"]
+    reference = runs[0].data.metrics
+    for retry, resumed_at, of in ((2, 37, 1), (4, 21, 3)):
+        metrics, tags = runs[retry].data.metrics, runs[retry].data.tags
+        assert metrics["resumed_from_step"] == resumed_at
+        assert tags["resumed_from"] == runs[of].info.run_id
+        assert runs[of].data.tags["resumed_by"] == runs[retry].info.run_id
+        for key in ("rougeL", "eval_loss", "final_train_loss", "train_tokens", "train_steps"):
+            assert metrics[key] == pytest.approx(reference[key], abs=1e-6), (retry, key)
+        assert trials[retry].value == pytest.approx(trials[0].value, abs=1e-6)
+        # The pruner's record and the loss curve continue the original's, step for step.
+        assert trials[retry].intermediate_values.keys() == trials[0].intermediate_values.keys()
+        for at, value in trials[0].intermediate_values.items():
+            assert trials[retry].intermediate_values[at] == pytest.approx(value, abs=1e-6)
+        curve = client.get_metric_history(runs[retry].info.run_id, "train_loss")
+        full = client.get_metric_history(runs[0].info.run_id, "train_loss")
+        assert [m.step for m in curve] == [m.step for m in full]
+        for a, b in zip(curve, full, strict=True):
+            assert a.value == pytest.approx(b.value, abs=1e-6)
+        share = metrics["train_time_s"] / reference["train_time_s"]
+        print(f"trial {retry} resumed at step {resumed_at} of 63: training time {share:.0%}")
+    assert [r.info.run_name for r in client.search_runs([runs[0].info.experiment_id])
+            if r.info.status == "RUNNING"] == []  # fmt: skip

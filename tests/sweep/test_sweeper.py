@@ -908,22 +908,26 @@ def test_a_long_trial_holds_up_the_others_only_in_batches(tmp_path, schedule):
     )
 
 
-def test_a_job_lost_with_its_worker_is_retried_not_counted_as_a_failure(tmp_path):
-    # Trial 1's joblib worker dies (os._exit): the launcher raises instead of returning.
+@pytest.mark.parametrize(
+    ("fault", "reason"), [("die_on", "job lost: "), ("term_on", "preempted: SIGTERM")]
+)
+def test_a_job_lost_with_its_worker_is_retried_not_counted_as_a_failure(tmp_path, fault, reason):
+    # Trial 1's joblib worker dies (os._exit: the launcher raises instead of returning),
+    # or is told to stop (SIGTERM: its job raises TrialPreempted).
     proc = sweep(
         tmp_path,
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         "hydra.sweeper.n_jobs=1",
         "hydra.sweeper.n_trials=3",
-        "die_on=[1]",
+        f"{fault}=[1]",
     )  # max_failure_rate is 0: a counted failure would stop the sweep
     study = load(tmp_path)
     assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     lost, retry = study.trials[1], study.trials[2]  # the retry runs next
-    assert lost.user_attrs[book.FAIL_REASON].startswith("job lost: ")
+    assert lost.user_attrs[book.FAIL_REASON].startswith(reason)
     assert retry.params == lost.params and retry.system_attrs["failed_trial"] == 1
-    assert "Trial 1: job lost: " in proc.stdout and "retrying it" in proc.stdout
+    assert f"Trial 1: {reason}" in proc.stdout and "retrying it" in proc.stdout
 
 
 def test_in_memory_storage_with_a_process_launcher_is_refused(tmp_path):
@@ -1086,3 +1090,37 @@ def test_confirmation_settings_are_checked(tmp_path):
     proc = sweep(tmp_path, "hydra.sweeper.confirm.only=true", ok=False)
     assert proc.returncode != 0
     assert "hydra.sweeper.confirm.only=true needs confirm.top_k > 0" in proc.stderr
+
+
+def test_sigterm_stops_an_in_process_sweep_and_the_next_run_retries_its_trial(tmp_path):
+    # The basic launcher runs the job in the sweep's own process: SIGTERM stops the sweep.
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=3", "term_on=[1]", ok=False)
+    assert proc.returncode == 128 + 15, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("stopped: SIGTERM")
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "FAIL", "WAITING"]
+    assert "TrialPreempted: SIGTERM" in study.trials[1].user_attrs[book.FAIL_REASON]
+    sweep(tmp_path, "hydra.sweeper.n_trials=3", "term_on=[1]")  # its marker: SIGTERM once
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[2].system_attrs["failed_trial"] == 1
+
+
+def test_the_checkpoints_of_a_trial_that_fails_for_good_are_removed(tmp_path):
+    # Trial 1's worker dies with its checkpoint folder recorded, and max_retry=0: nothing
+    # will resume it, so the sweeper removes the folder its job could not.
+    sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_retry=0",
+        "hydra.sweeper.max_failure_rate=0.5",
+        "die_on=[1]",
+        "checkpoint=true",
+    )
+    study = load(tmp_path)
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert study.trials[1].system_attrs["finqa_optuna:checkpoint"].endswith("ckpt-1")
+    assert list(tmp_path.rglob("ckpt-*")) == []

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finqa_exp.sweep import current_trial
+from finqa_exp.sweep import current_trial, resume
 
 OFFSET = {"a": 0.0, "b": 1.0, "c": 2.0}
 
@@ -37,12 +39,22 @@ def objective(cfg: DictConfig) -> float | tuple[float, float]:
     Path(HydraConfig.get().runtime.output_dir, "trial.json").write_text(json.dumps(record))
     if trial is not None:
         trial.set_user_attr("job_pid", os.getpid())
+    folder = None
+    if cfg.checkpoint and trial is not None:  # what a job that resumes records
+        folder = Path(HydraConfig.get().sweep.dir, f"ckpt-{resume.retry_chain(trial).root}")
+        folder.mkdir(exist_ok=True)
+        resume.record_checkpoint(trial, folder)
     if number in cfg.fail_on:
         raise RuntimeError(f"planned failure of trial {number}")
     died = Path(HydraConfig.get().sweep.dir, f"died-{number}")
     if number in cfg.die_on and not died.exists():
         died.touch()
         os._exit(1)  # no exception, no JobReturn: the launcher loses the job
+    termed = Path(HydraConfig.get().sweep.dir, f"termed-{number}")
+    if number in cfg.term_on and not termed.exists():
+        termed.touch()
+        os.kill(os.getpid(), signal.SIGTERM)  # preempted, as Slurm would
+        time.sleep(30)  # the sweeper's handler stops the job before this ends
     if cfg.fail_seed is not None and cfg.seed == cfg.fail_seed:
         raise RuntimeError(f"planned failure of seed {cfg.seed}")
     time.sleep(cfg.sleep_s)
@@ -60,6 +72,8 @@ def objective(cfg: DictConfig) -> float | tuple[float, float]:
             trial.report(value, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}")
+    if folder is not None:
+        shutil.rmtree(folder)  # the trial ended: nothing to resume
     if number in cfg.nan_on:
         return float("nan")
     if cfg.objectives == 2:
