@@ -17,6 +17,7 @@ LAYERS = [
     {"config", "devices"},
     {"tracking"},
     {"data", "prompts", "metrics", "stats"},
+    {"corpus"},
     {"modeling", "tiny"},
     {"checkpoints"},
     {"training", "evaluation"},

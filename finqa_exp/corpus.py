@@ -1,0 +1,157 @@
+"""Plain financial text for domain adaptation: documents, a split by document, packed blocks.
+
+Where Q&A data (finqa_exp/data.py) is pairs, a corpus is documents (filings, reports,
+policies), as in the Llama-2 project we learn from::
+
+    docs = read_documents("filings/")              # a folder of .txt/.md files
+    docs = read_documents("notes.jsonl", "text")   # one document per line's text column
+    train, test, stats = prepare(docs, test_size=0.1, seed=42, block_size=512)
+    blocks = pack([tokenizer(d.text)["input_ids"] for d in train], 512, eos_id)
+
+Empty and repeated documents are dropped, the held-out split is by document (no text of a
+test document is trained on), and each split is tokenized once and packed into blocks of
+``block_size`` tokens, with an end-of-text token after each document, so no compute goes
+to padding and the loss covers every token. Every check here runs before any model loads
+(the size check counts characters: a byte-level token is at least one character), and
+each failure is a DataError naming the source and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from finqa_exp.data import DataError, load_hub_rows, read_table
+
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # file name, or file:line / hub:row
+    text: str
+
+
+@dataclass
+class CorpusStats:
+    documents: int = 0
+    empty: int = 0
+    duplicates: int = 0
+    kept: int = 0
+
+
+def bundled_corpus() -> Path:
+    """The financial text corpus shipped with the package (Markdown, written by us)."""
+    return Path(str(resources.files("finqa_exp") / "resources" / "finance_text"))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"data.path: cannot read {path} as UTF-8 text: {err}") from err
+
+
+def _from_rows(rows: list[dict[str, Any]], column: str, source: str) -> list[Document]:
+    columns = list(dict.fromkeys(k for row in rows[:1000] for k in row))
+    if column not in columns:
+        raise DataError(
+            f"{source}: no text column '{column}' (columns: {', '.join(columns)}); "
+            f"set data.text_column"
+        )
+    return [Document(f"{source}:{i + 1}", str(r.get(column) or "")) for i, r in enumerate(rows)]
+
+
+def read_documents(path: str | Path, text_column: str = "text") -> list[Document]:
+    """The documents of a folder (each .txt/.md file one document, in name order), a
+    .jsonl file (each line's ``text_column``), or a single .txt/.md file (each paragraph,
+    separated by a blank line, one document)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"data.path: no .txt or .md files in {path}")
+        return [Document(str(p.relative_to(path)), _read_text(p)) for p in files]
+    if not path.is_file():
+        raise DataError(f"data.path: file not found: {path}")
+    if path.suffix.lower() == ".jsonl":
+        return _from_rows(read_table(path), text_column, str(path))
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        raise DataError(
+            f"data.path: unsupported file type '{path.suffix}' ({path}) for text data; "
+            f"use a folder, .txt, .md or .jsonl"
+        )
+    paragraphs = _read_text(path).split("\n\n")
+    return [Document(f"{path.name}:{i + 1}", p) for i, p in enumerate(paragraphs)]
+
+
+def hub_documents(repo: str, split: str, text_column: str) -> list[Document]:
+    """The documents of a hub dataset's text column."""
+    return _from_rows(load_hub_rows(repo, split), text_column, f"hub dataset {repo}")
+
+
+def clean(docs: list[Document]) -> tuple[list[Document], CorpusStats]:
+    """Documents without the empty ones and without repeats (whitespace and case aside)."""
+    stats = CorpusStats(documents=len(docs))
+    seen: set[str] = set()
+    kept = []
+    for doc in docs:
+        text = doc.text.strip()
+        if not text:
+            stats.empty += 1
+            continue
+        key = hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
+        if key in seen:
+            stats.duplicates += 1
+            continue
+        seen.add(key)
+        kept.append(Document(doc.name, text))
+    stats.kept = len(kept)
+    return kept, stats
+
+
+def split(
+    docs: list[Document], test_size: float, seed: int
+) -> tuple[list[Document], list[Document]]:
+    """A deterministic split by document: ``test_size`` a fraction or a count of them."""
+    order = list(docs)
+    random.Random(seed).shuffle(order)
+    n_test = int(test_size) if test_size >= 1 else max(1, round(len(order) * test_size))
+    if n_test >= len(order):
+        raise DataError(
+            f"data.test_size={test_size} leaves no training documents "
+            f"({len(order)} documents after cleaning)"
+        )
+    return order[n_test:], order[:n_test]
+
+
+def prepare(
+    docs: list[Document], test_size: float, seed: int, block_size: int, source: str = "corpus"
+) -> tuple[list[Document], list[Document], CorpusStats]:
+    """Clean, split by document and check that the training split fills a block."""
+    kept, stats = clean(docs)
+    if len(kept) < 2:
+        raise DataError(
+            f"{source}: only {len(kept)} usable document(s) after cleaning "
+            f"({stats.empty} empty, {stats.duplicates} duplicates of {stats.documents})"
+        )
+    train, test = split(kept, test_size, seed)
+    chars = sum(len(d.text) + 1 for d in train)
+    if chars < block_size:
+        raise DataError(
+            f"{source}: the training documents hold {chars} characters, fewer than one "
+            f"block of data.max_length={block_size} tokens"
+        )
+    return train, test, stats
+
+
+def pack(token_ids: list[list[int]], block_size: int, eos_id: int) -> list[list[int]]:
+    """One split's documents as consecutive blocks of ``block_size`` tokens: each document's
+    tokens, then ``eos_id``, end to end. Every token is in exactly one block, in order;
+    the last block holds the remainder and may be shorter."""
+    stream = [t for ids in token_ids for t in (*ids, eos_id)]
+    return [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
