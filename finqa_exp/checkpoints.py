@@ -44,15 +44,35 @@ def step_of(path: Path) -> int:
     return int(path.name.removeprefix(PREFIX))
 
 
+# What a checkpoint of a LoRA trial holds besides its state; the Trainer resumes without a
+# missing optimizer, scheduler or RNG file and says so only at info level.
+FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def marker(ckpt: Path) -> dict[str, Any]:
+    """What the marker says: global_step, epoch, and the trial and run that wrote it."""
+    return json.loads((ckpt / MARKER).read_text())
+
+
 def is_complete(ckpt: Path) -> bool:
-    """Whether ``ckpt`` was written to its end: its marker is there, and its trainer
-    state parses and names the step the folder is named for."""
+    """Whether ``ckpt`` was written to its end: its marker is there, its files are, and
+    its trainer state parses and names the step the folder is named for."""
     try:
-        marker = json.loads((ckpt / MARKER).read_text())
+        mark = marker(ckpt)
         state = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("global_step") == state.get("global_step") == step_of(ckpt)
+    if not all((ckpt / name).is_file() for name in FILES):
+        return False
+    return mark.get("global_step") == state.get("global_step") == step_of(ckpt)
+
+
+def remove(path: Path) -> None:
+    """Remove a checkpoint (or a folder of them), markers first: one cut off half-way
+    through its removal is never taken for complete."""
+    for mark in [path / MARKER, *path.glob(f"{PREFIX}*/{MARKER}")]:
+        mark.unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def newest_complete(folder: Path) -> Path | None:
@@ -64,20 +84,25 @@ def newest_complete(folder: Path) -> Path | None:
         if ckpt != keep:
             log.warning("removing checkpoint %s (%s)", ckpt, "incomplete" if keep is None or
                         step_of(ckpt) > step_of(keep) else "superseded")  # fmt: skip
-            shutil.rmtree(ckpt, ignore_errors=True)
+            remove(ckpt)
     return keep
 
 
-def mark_complete(ckpt: Path, state: Any) -> None:
-    """Write the marker (flushed to disk), then drop the older checkpoints beside it."""
-    marker = {"global_step": state.global_step, "epoch": state.epoch}
+def mark_complete(ckpt: Path, state: Any, writer: dict[str, Any]) -> None:
+    """Flush the checkpoint's files to disk, write the marker (flushed too), then drop the
+    older checkpoints beside it."""
+    for path in ckpt.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    mark = {"global_step": state.global_step, "epoch": state.epoch, **writer}
     with open(ckpt / MARKER, "w") as f:
-        json.dump(marker, f)
+        json.dump(mark, f)
         f.flush()
         os.fsync(f.fileno())
     for old in ckpt.parent.glob(f"{PREFIX}[0-9]*"):
         if step_of(old) < step_of(ckpt):
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
 
 
 def saved_state(ckpt: Path) -> dict[str, Any]:
@@ -105,40 +130,47 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class Checkpointing(TrainerCallback):
-    """Saves a checkpoint after each eval (where the pruner was asked), and at once when
-    the process is told to stop (SIGTERM), then stops the trial.
+    """Saves a checkpoint after each eval (where the pruner was asked) and, when the
+    process is told to stop (SIGTERM), at the next step that logs a loss or is checked,
+    then stops the trial.
 
-    A loss is logged at each check too, so that every logged loss averages the same steps
-    in a resumed trial as in one that ran through (a log after a resume starts counting
-    at the checkpoint).
+    A loss is logged at each check, and a stop saves where a loss is logged, so that
+    every logged loss averages the same steps in a resumed trial as in one that ran
+    through (the Trainer's loss window starts afresh at a resume).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
         self.stopping = False
 
-    def _align(self, control: Any, save_now: bool = True) -> None:
-        if control.should_evaluate:
-            control.should_log = True
-        if self.stopping or _stop_requested():
+    def _notice(self) -> bool:
+        if not self.stopping and _stop_requested():
             self.stopping = True
-            control.should_save = control.should_save or save_now
+            log.warning("SIGTERM: saving a checkpoint at the next logged step, then stopping")
+        return self.stopping
 
     def on_step_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:
+            control.should_log = True
         # At an epoch's last step the epoch-end eval is still to come (on_epoch_end asks
         # for it): a stop saves after it, or its resume would never run that check.
         epoch = state.epoch or 0.0
-        self._align(control, save_now=abs(epoch - round(epoch)) > 1e-6)
+        if self._notice() and abs(epoch - round(epoch)) > 1e-6 and control.should_log:
+            control.should_save = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._align(control)
+        if control.should_evaluate:
+            control.should_log = True
+        if self._notice():
+            control.should_save = True
 
     def on_evaluate(self, args, state, control, **kwargs):
         control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
-        mark_complete(ckpt, state)
-        if self.stopping:
+        mark_complete(ckpt, state, {"trial": self.plan.trial_number, "run_id": self.plan.run_id})
+        if self._notice():
             from finqa_exp.sweep.resume import TrialPreempted
 
             raise TrialPreempted(
@@ -153,33 +185,43 @@ def _stop_requested() -> bool:
     return resume.requested()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Plan:
     """Where a trial checkpoints, and what it resumes from."""
 
     folder: Path
-    resume_from: Path | None  # the newest complete checkpoint of the trial's chain
-    previous: Any | None  # the attempt it continues (optuna FrozenTrial), if resuming
+    trial_number: int  # of the trial that writes the checkpoints
+    resume_from: Path | None = None  # the newest complete checkpoint of the trial's chain
+    run_id: str | None = None  # of the trial's MLflow run, once started (trial.py)
+
+    def writer(self) -> dict[str, Any]:
+        """The trial and run that wrote ``resume_from`` (from its marker)."""
+        assert self.resume_from is not None
+        return marker(self.resume_from)
 
 
 def plan(conf: FinqaConfig, trial: Any | None) -> Plan | None:
-    """The checkpoint plan of a trial in a sweep with persistent storage (None otherwise,
-    or with ``train.checkpoints=false``)."""
+    """The checkpoint plan of a trial that the sweep retries if it is killed (one in a
+    study with persistent storage, not a confirmation); None otherwise, or with
+    ``train.checkpoints=false``."""
     if trial is None or not conf.train.checkpoints:
         return None
     from finqa_exp.sweep.resume import record_checkpoint, retry_chain
 
     chain = retry_chain(trial)
-    if not chain.persistent:
-        return None  # an in-memory study dies with its process: nothing could resume
+    if not chain.retried:
+        return None  # nothing would resume it: an in-memory study, a confirmation
     folder = Path(conf.paths.checkpoints_dir) / trial.study.study_name / f"trial-{chain.root}"
     record_checkpoint(trial, folder)
-    if chain.previous is None:
-        # A first attempt resumes nothing: a folder there is a deleted study's leftover.
-        shutil.rmtree(folder, ignore_errors=True)
-        return Plan(folder, None, None)
-    resume_from = newest_complete(folder) if folder.exists() else None
-    return Plan(folder, resume_from, chain.previous if resume_from else None)
+    p = Plan(folder, trial.number)
+    newest = newest_complete(folder) if chain.attempts and folder.exists() else None
+    if newest is not None and marker(newest).get("trial") in chain.attempts:
+        p.resume_from = newest
+    elif folder.exists():
+        # Not written by an earlier attempt of this trial: a deleted study's leftover.
+        log.warning("removing %s: no earlier attempt of this trial wrote it", folder)
+        remove(folder)
+    return p
 
 
 @contextlib.contextmanager
@@ -190,7 +232,7 @@ def owned(p: Plan | None) -> Iterator[None]:
         yield
     except Exception:  # failed or pruned: a retry, if any, starts afresh
         if p is not None:
-            shutil.rmtree(p.folder, ignore_errors=True)
+            remove(p.folder)
         raise
     if p is not None:
-        shutil.rmtree(p.folder, ignore_errors=True)
+        remove(p.folder)

@@ -344,7 +344,7 @@ def train(
     resume_from, tokens_before, resumed_step = None, 0, 0
     if plan is not None:
         output_dir = plan.folder
-        callbacks.append(checkpoints.Checkpointing())
+        callbacks.append(checkpoints.Checkpointing(plan))
         if plan.resume_from is not None:
             resume_from = str(plan.resume_from)
             saved = checkpoints.saved_state(plan.resume_from)

@@ -81,6 +81,8 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
         TrialRun(tracker, name, tags, trial, conf.paths.output_dir, start, on_failure) as run,
         checkpoints.owned(plan),  # removed once the trial ends, kept if it is stopped
     ):
+        if plan is not None:
+            plan.run_id = run.run_id  # its checkpoints name the run that wrote them
         run.log_config(flatten(cfg), OmegaConf.to_yaml(cfg, resolve=True))
         with run.phase("load"):
             base = modeling.load_base(conf, splits, dev)
@@ -169,29 +171,30 @@ def train_adapter(
 
 
 def continue_attempt(plan: checkpoints.Plan, run: TrialRun, batch_size: int, n: int) -> None:
-    """A retry resuming its chain's checkpoint takes over what the attempt before it had
-    recorded up to there: the pruner's intermediate values, and the run's loss curves."""
+    """A retry resuming its chain's checkpoint takes over what the attempt that wrote it
+    had recorded up to there: the pruner's intermediate values, and the run's loss curves."""
     from finqa_exp import checkpoints, training
+    from finqa_exp.sweep.resume import attempt
 
     assert plan.resume_from is not None
     saved = checkpoints.saved_state(plan.resume_from)
     step, epoch = saved["global_step"], saved["epoch"]
-    prev = plan.previous
+    writer = plan.writer()
+    seen = training.examples_seen(epoch, batch_size, n)
     log.info(
         "resuming from %s: step %d of trial %s, epoch %.2f (%d training examples done)",
-        plan.resume_from, step, prev.number if prev else "?", epoch,
-        training.examples_seen(epoch, batch_size, n),
+        plan.resume_from, step, writer["trial"], epoch, seen,
     )  # fmt: skip
-    if prev is None:
-        return
     if run.trial is not None:
-        seen = training.examples_seen(epoch, batch_size, n)
-        for at, value in sorted(prev.intermediate_values.items()):
+        wrote = attempt(run.trial.study, writer["trial"])
+        for at, value in sorted(wrote.intermediate_values.items()):
             if at <= seen:
                 run.trial.report(value, at)
-    prev_run = prev.user_attrs.get(names.RUN_ID_ATTR)
-    if prev_run and run.run_id:
-        run.tracker.continue_from(prev_run, step, training.STEP_METRICS)
+    if writer.get("run_id") and run.run_id:
+        try:
+            run.tracker.continue_from(writer["run_id"], step, training.STEP_METRICS)
+        except Exception as err:  # the curves are a convenience; the checkpoint is not
+            log.warning("could not copy run %s's curves: %s", writer["run_id"], err)
 
 
 def trial_metrics(

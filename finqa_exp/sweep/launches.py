@@ -181,20 +181,31 @@ class JobSlots:
             self._jobs += 1
         return [(number, outcome) for number, outcome, _ in sorted(ended, key=lambda e: e[0])]
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 0.0) -> list[tuple[int, Outcome]]:
         """Stop the jobs still running on this machine (the sweep was interrupted): the
         launcher's processes (joblib's workers, submitit_local's jobs) are killed, as joblib
-        kills its workers when a batch of its own is interrupted. Jobs on other machines
-        (Slurm, Ray) run on; their trials are failed and queued again all the same."""
+        kills its workers when a batch of its own is interrupted. With ``grace_s`` (the
+        sweep was preempted) they first get SIGTERM and that long to save a checkpoint and
+        stop; the jobs that end meanwhile are returned. Jobs on other machines (Slurm,
+        Ray) run on; their trials are failed and queued again all the same."""
         if not self._running or self.in_process:
-            return
+            return []
         import psutil
 
         children = [p for p in psutil.Process().children(recursive=True) if not _bookkeeper(p)]
+        ended: list[tuple[int, Outcome]] = []
+        if grace_s > 0:
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.terminate()
+            deadline = time.monotonic() + grace_s
+            while self._running and (left := deadline - time.monotonic()) > 0:
+                ended += self.wait(timeout=left)
         for child in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
         psutil.wait_procs(children, timeout=10)
+        return ended
 
     def worker_time(self) -> WorkerTime:
         """Worker time from the first job's start to the last job's end."""

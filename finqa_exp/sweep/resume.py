@@ -33,6 +33,8 @@ import optuna
 from optuna.storages import InMemoryStorage
 from optuna.trial import FrozenTrial
 
+from finqa_exp.sweep.study_book import trial_id
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ATTR = "finqa_optuna:checkpoint"  # system attr: the trial's checkpoint folder
@@ -48,52 +50,60 @@ class TrialPreempted(BaseException):
 
 _requested = threading.Event()
 _state = {"deferred": 0, "installed": 0}
-_previous: list[Any] = []
+_saved: list[tuple[Any, int]] = []  # (previous handler, deferred depth) per install
 
 
 def requested() -> bool:
-    """Whether this process got SIGTERM while a job ran (see :func:`deferred`)."""
+    """Whether this process got SIGTERM (see :func:`deferred`)."""
     return _requested.is_set()
 
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """Within this block SIGTERM only sets :func:`requested`: the code here saves its
-    progress and raises :class:`TrialPreempted` itself (a training loop, at its next step)."""
+    progress and raises :class:`TrialPreempted` itself (a training loop, at its next
+    step). Leaving the block normally after a SIGTERM raises it here (the code returned
+    before it could stop itself). Outside the main thread, which takes no signals, it
+    does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _state["deferred"] += 1
     try:
         yield
     finally:
         _state["deferred"] -= 1
+    if _requested.is_set():
+        raise TrialPreempted("SIGTERM: the process was told to stop (preempted)")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    again = _requested.is_set()
     _requested.set()
-    if _state["deferred"] and not again:
-        log.warning("SIGTERM: saving a checkpoint, then stopping (preempted)")
-        return
-    raise TrialPreempted("SIGTERM: the process was told to stop (preempted)")
+    if not _state["deferred"]:
+        raise TrialPreempted("SIGTERM: the process was told to stop (preempted)")
 
 
 @contextlib.contextmanager
 def sigterm_preempts() -> Iterator[None]:
     """SIGTERM raises :class:`TrialPreempted` (or asks :func:`deferred` code to stop)
-    while this block runs; the previous handler comes back after it. Only the main thread
-    can take signals: elsewhere (a Ray worker's thread) this does nothing."""
+    while this block runs; the previous handler comes back after it. A job's block
+    (TrialJob) starts undeferred inside a sweep's deferred one, so that a job stops at
+    once outside its training. Only the main thread can take signals: elsewhere (a Ray
+    worker's thread) this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     if _state["installed"] == 0:
         _requested.clear()
-        _previous.append(signal.signal(signal.SIGTERM, _on_sigterm))
+    _saved.append((signal.signal(signal.SIGTERM, _on_sigterm), _state["deferred"]))
     _state["installed"] += 1
+    _state["deferred"] = 0
     try:
         yield
     finally:
         _state["installed"] -= 1
-        if _state["installed"] == 0:
-            signal.signal(signal.SIGTERM, _previous.pop())
+        previous, _state["deferred"] = _saved.pop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
@@ -101,21 +111,28 @@ class RetryChain:
     """A trial and the attempts before it (each retry is a new Optuna trial)."""
 
     root: int  # the first attempt's number: what the chain's checkpoints are named by
-    previous: FrozenTrial | None  # the attempt this trial retries, if any
-    persistent: bool  # the study outlives this process (not an in-memory study)
+    attempts: tuple[int, ...]  # the numbers of the attempts before this one, oldest first
+    # A killed attempt is retried with the same params: the study outlives this process
+    # (not in memory) and is not a confirmation study (a killed confirmation runs again
+    # as a new pair, from step 0).
+    retried: bool
 
 
 def retry_chain(trial: optuna.Trial) -> RetryChain:
     """The retry chain of ``trial`` (Optuna's ``failed_trial``/``retry_history`` attrs)."""
+    from finqa_exp.sweep.confirm import CONFIRMED_STUDY_ATTR
+
     storage = trial.study._storage  # the Trial API has no public read of system attrs
     attrs = storage.get_trial(trial._trial_id).system_attrs
-    history = attrs.get("retry_history") or []
-    previous = None
-    if history:
-        trials = trial.study.get_trials(deepcopy=False)
-        previous = next(t for t in trials if t.number == history[-1])
-    persistent = not isinstance(storage, InMemoryStorage)
-    return RetryChain(attrs.get("failed_trial", trial.number), previous, persistent)
+    history = tuple(attrs.get("retry_history") or ())
+    retried = not isinstance(storage, InMemoryStorage)
+    retried = retried and CONFIRMED_STUDY_ATTR not in trial.study.user_attrs
+    return RetryChain(attrs.get("failed_trial", trial.number), history, retried)
+
+
+def attempt(study: optuna.Study, number: int) -> FrozenTrial:
+    """Trial ``number`` of ``study``, read alone (not the whole study)."""
+    return study._storage.get_trial(trial_id(study, number))
 
 
 def record_checkpoint(trial: optuna.Trial, folder: Path) -> None:

@@ -18,7 +18,13 @@ from optuna.trial import TrialState
 from finqa_exp.sweep.confirm import notify
 from finqa_exp.sweep.job import Heartbeat
 from finqa_exp.sweep.launches import JobSlots, WorkerTime
-from finqa_exp.sweep.resume import TrialPreempted, discard_checkpoint, sigterm_preempts
+from finqa_exp.sweep.resume import (
+    TrialPreempted,
+    deferred,
+    discard_checkpoint,
+    requested,
+    sigterm_preempts,
+)
 from finqa_exp.sweep.search_space import SearchSpace
 from finqa_exp.sweep.search_space import trial_overrides as params_to_overrides
 from finqa_exp.sweep.study_book import (
@@ -42,6 +48,8 @@ from finqa_exp.sweep.study_setup import SweepError, suggest
 log = logging.getLogger(__name__)
 
 _PEER_POLL_S = 1.0  # how often a worker with nothing left to ask checks its peers' trials
+_SIGNAL_POLL_S = 2.0  # how soon a sweep waiting on its jobs notices SIGTERM
+STOP_GRACE_S = 30.0  # how long a preempted sweep's jobs have to save before they are killed
 
 
 class SweepRun:
@@ -83,7 +91,13 @@ class SweepRun:
             self.sweep.schedule,
             self.in_process,
         )
-        with Heartbeat(self.study, self.sweep.heartbeat_interval) as heartbeat, sigterm_preempts():
+        # SIGTERM here only sets a flag that _fill reads between jobs (never between a
+        # job's end and its tell); a job run in this process stops at once (TrialJob).
+        with (
+            Heartbeat(self.study, self.sweep.heartbeat_interval) as heartbeat,
+            sigterm_preempts(),
+            deferred(),
+        ):
             try:
                 self._fill(slots, heartbeat)
             except BaseException as err:
@@ -93,12 +107,18 @@ class SweepRun:
                 for number, outcome in slots.wait(timeout=0):
                     heartbeat.discard(number)
                     self._finish(number, outcome)
-                slots.stop()
+                # Preempted: the jobs get SIGTERM too and a moment to save a checkpoint.
+                grace = STOP_GRACE_S if isinstance(err, TrialPreempted) else 0.0
+                for number, outcome in slots.stop(grace_s=grace):
+                    heartbeat.discard(number)
+                    self._finish(number, outcome)
                 for number in slots.running:
                     heartbeat.discard(number)
                     frozen = fail_trial(self.study, number, f"sweep interrupted: {describe(err)}")
-                    if frozen is not None:
-                        enqueue_retry(self.study, frozen, self.sweep.max_retry)
+                    if frozen is not None and not enqueue_retry(
+                        self.study, frozen, self.sweep.max_retry
+                    ):
+                        discard_checkpoint(frozen)
                 if isinstance(err, TrialPreempted) and slots.running:
                     log.warning(
                         "Sweep stopped by SIGTERM: trials %s are queued again and resume from "
@@ -117,9 +137,13 @@ class SweepRun:
             count = 0 if stop else min(slots.free(), trials_to_ask(trials, self.n_trials))
             for number, overrides in self._ask(count, heartbeat):
                 slots.start(number, overrides)
+            if requested():
+                raise TrialPreempted("SIGTERM: the sweep was told to stop (preempted)")
             if slots.running or count:
-                # Wake at least once a heartbeat to fail dead workers' trials meanwhile.
-                for number, outcome in slots.wait(timeout=self.sweep.heartbeat_interval):
+                # Wake at least once a heartbeat to fail dead workers' trials meanwhile,
+                # and every few seconds to see whether the sweep was told to stop.
+                wake = min(self.sweep.heartbeat_interval, _SIGNAL_POLL_S)
+                for number, outcome in slots.wait(timeout=wake):
                     heartbeat.discard(number)
                     self._finish(number, outcome)
                 try:

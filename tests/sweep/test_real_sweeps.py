@@ -152,8 +152,8 @@ def test_kill_9_and_sigterm_mid_trial_then_the_same_command_resumes_them(tmp_pat
     Run 1: trial 0 runs through; trial 1 is killed (-9) at step 38 of 63 (60 %), after
     its check at step 37. Run 2: the stale trial 1 is failed and retried as trial 2, which
     resumes its checkpoint (not the later one cut off while being written); trial 3 gets
-    SIGTERM at step 20, saves a checkpoint at once and the sweep stops. Run 3 resumes it
-    as trial 4. Each retry ends with trial 0's losses and ROUGE.
+    SIGTERM at step 28, saves a checkpoint at its next logged step (30) and the sweep
+    stops. Run 3 resumes it as trial 4. Each retry ends with trial 0's losses and ROUGE.
     """
     args = [
         "train.epochs=3",
@@ -189,26 +189,26 @@ def test_kill_9_and_sigterm_mid_trial_then_the_same_command_resumes_them(tmp_pat
     cut.mkdir()
     (cut / "adapter_model.safetensors").write_bytes(b"half")
 
-    second = sweep(tmp_path, cache_dir, *args, fault(20, "SIGTERM", 3))
-    ended = time.time()
+    # Trial 1 must look dead when run 2 starts (its heartbeat older than grace_period), or
+    # run 2 would take it for another worker's and start a new trial first.
+    killed_at = json.loads(faults.read_text().splitlines()[-1])["at"]
+    time.sleep(max(0.0, killed_at + 5.5 - time.time()))
+    second = sweep(tmp_path, cache_dir, *args, fault(28, "SIGTERM", 3))
     assert second.returncode == 128 + signal.SIGTERM, second.stderr[-3000:]
     log = second.stdout + second.stderr
     assert "checkpoint-37: step 37 of trial 1" in log  # "resuming from ...", in the job's log
     assert "checkpoint-42 (incomplete)" in log
     assert second.stderr.strip().splitlines()[-1].startswith("stopped: ")
-    signalled = [json.loads(line) for line in faults.read_text().splitlines()][-1]
-    print(f"SIGTERM to exit: {ended - signalled['at']:.1f} s (the command's end included)")
-    assert ended - signalled["at"] < 10
-    assert [p.name for p in (ckpts / "trial-3").iterdir()] == ["checkpoint-21"]
+    assert [p.name for p in (ckpts / "trial-3").iterdir()] == ["checkpoint-30"]
 
     third = sweep(tmp_path, cache_dir, *args)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert "checkpoint-21: step 21 of trial 3" in third.stdout + third.stderr
+    assert "checkpoint-30: step 30 of trial 3" in third.stdout + third.stderr
 
     trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "COMPLETE"]
     assert trials[1].user_attrs["fail_reason"].startswith("stale")
-    assert "TrialPreempted: SIGTERM at step 21" in trials[3].user_attrs["fail_reason"]
+    assert "TrialPreempted: SIGTERM at step 30" in trials[3].user_attrs["fail_reason"]
     assert [t.system_attrs.get("failed_trial") for t in trials] == [None, None, 1, None, 3]
     assert files_digest(tmp_path / "multirun" / "0") == before  # not overwritten
     assert not ckpts.exists() or list(ckpts.iterdir()) == []  # each chain removed its own
@@ -219,8 +219,13 @@ def test_kill_9_and_sigterm_mid_trial_then_the_same_command_resumes_them(tmp_pat
         "FINISHED", "FAILED", "FINISHED", "KILLED", "FINISHED",
     ]  # fmt: skip
     assert "TrialPreempted" in runs[3].data.tags["error"]
+    # From the signal to the trial's end (checkpoint saved, run closed KILLED).
+    signalled = [json.loads(line) for line in faults.read_text().splitlines()][-1]
+    stopped = runs[3].info.end_time / 1000 - signalled["at"]
+    print(f"SIGTERM at step 28 to the trial's end: {stopped:.1f} s")
+    assert 0 < stopped < 10
     reference = runs[0].data.metrics
-    for retry, resumed_at, of in ((2, 37, 1), (4, 21, 3)):
+    for retry, resumed_at, of in ((2, 37, 1), (4, 30, 3)):
         metrics, tags = runs[retry].data.metrics, runs[retry].data.tags
         assert metrics["resumed_from_step"] == resumed_at
         assert tags["resumed_from"] == runs[of].info.run_id
