@@ -94,17 +94,19 @@ class FullDiskAdapter(_Fault):
     (a device on which every write fails with "No space left on device"). peft writes the
     weights first, atomically (a temp file renamed into place, so a symlink on the weights
     file would just be replaced), then the config through the symlink: the trial is left
-    with a half-written adapter folder, weights without config. ``args.output_dir`` is
-    ``<job dir>/trainer``; the trial saves to ``<job dir>/adapter``. A chmod-based fault
-    would not work: CI runs as root.
+    with a half-written adapter folder, weights without config. The trial saves to
+    ``<job dir>/adapter`` (the Trainer's own output_dir holds checkpoints, elsewhere in a
+    sweep). A chmod-based fault would not work: CI runs as root.
     """
 
     kind = "enospc"
 
     def on_train_end(self, args, state, control, **kwargs):
+        from hydra.core.hydra_config import HydraConfig
+
         if not self.armed():
             return
-        adapter = Path(args.output_dir).parent / "adapter"
+        adapter = Path(HydraConfig.get().runtime.output_dir) / "adapter"
         adapter.mkdir(parents=True, exist_ok=True)
         target = adapter / "adapter_config.json"
         os.symlink("/dev/full", target)
