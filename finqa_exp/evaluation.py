@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -106,6 +107,35 @@ def generate_answers(
     if was_training:
         model.train()
     return answers
+
+
+@torch.no_grad()
+def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
+    """Held-out perplexity of packed token ``blocks`` (finqa_exp/corpus.py) and the number
+    of tokens it was computed on: exp of the mean negative log-likelihood of every token
+    that has one before it in its block. Blocks of unequal length are padded per batch
+    and the padding is left out, so the batch size does not change the result."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        width = max(len(b) for b in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, block in enumerate(batch):
+            ids[row, : len(block)] = torch.tensor(block)
+            mask[row, : len(block)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        keep = mask[:, 1:].bool()
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise ValueError("perplexity needs a block of at least 2 tokens")
+    return math.exp(total / count), count
 
 
 @dataclass
