@@ -19,12 +19,12 @@ each failure is a DataError naming the source and the problem.
 from __future__ import annotations
 
 import hashlib
-import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from finqa_exp import data
 from finqa_exp.data import DataError, load_hub_rows, read_table
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -118,15 +118,7 @@ def split(
     docs: list[Document], test_size: float, seed: int
 ) -> tuple[list[Document], list[Document]]:
     """A deterministic split by document: ``test_size`` a fraction or a count of them."""
-    order = list(docs)
-    random.Random(seed).shuffle(order)
-    n_test = int(test_size) if test_size >= 1 else max(1, round(len(order) * test_size))
-    if n_test >= len(order):
-        raise DataError(
-            f"data.test_size={test_size} leaves no training documents "
-            f"({len(order)} documents after cleaning)"
-        )
-    return order[n_test:], order[:n_test]
+    return data.split(docs, test_size, seed, noun="documents")
 
 
 def prepare(

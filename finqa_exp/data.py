@@ -21,11 +21,13 @@ import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from finqa_exp.config import DataConfig
 from finqa_exp.errors import BadInput
 from finqa_exp.prompts import format_prompt, merge_instruction
+
+T = TypeVar("T")
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 
@@ -225,18 +227,23 @@ def clean(
 
 
 def split(
-    pairs: list[QAPair], test_size: float, seed: int, subset_size: int | None = None
-) -> tuple[list[QAPair], list[QAPair]]:
-    """Deterministic subset and train/test split: the same seed gives the same pairs."""
-    order = list(pairs)
+    items: list[T],
+    test_size: float,
+    seed: int,
+    subset_size: int | None = None,
+    noun: str = "pairs",
+) -> tuple[list[T], list[T]]:
+    """Deterministic subset and train/test split of Q&A pairs (or a corpus's documents,
+    ``noun``): the same seed gives the same split. ``test_size`` is a fraction or a count."""
+    order = list(items)
     random.Random(seed).shuffle(order)
     if subset_size is not None:
         order = order[:subset_size]
     n_test = int(test_size) if test_size >= 1 else max(1, round(len(order) * test_size))
     if n_test >= len(order):
         raise DataError(
-            f"data.test_size={test_size} leaves no training pairs "
-            f"({len(order)} pairs after cleaning)"
+            f"data.test_size={test_size} leaves no training {noun} "
+            f"({len(order)} {noun} after cleaning)"
         )
     return order[n_test:], order[:n_test]
 

@@ -140,10 +140,7 @@ class SweepRun:
             if requested():
                 raise TrialPreempted("SIGTERM: the sweep was told to stop (preempted)")
             if slots.running or count:
-                # Wake at least once a heartbeat to fail dead workers' trials meanwhile,
-                # and every few seconds to see whether the sweep was told to stop.
-                wake = min(self.sweep.heartbeat_interval, _SIGNAL_POLL_S)
-                for number, outcome in slots.wait(timeout=wake):
+                for number, outcome in self._wait(slots):
                     heartbeat.discard(number)
                     self._finish(number, outcome)
                 try:
@@ -163,6 +160,17 @@ class SweepRun:
                 waiting_logged = True
             time.sleep(_PEER_POLL_S)
             self._fail_stale()
+
+    def _wait(self, slots: JobSlots) -> list[tuple[int, Outcome]]:
+        """Jobs that ended, within a heartbeat at most (to fail dead workers' trials
+        meanwhile), looking every few seconds (not at the study: at a flag in memory)
+        whether the sweep was told to stop."""
+        deadline = time.monotonic() + self.sweep.heartbeat_interval
+        while slots.running and (left := deadline - time.monotonic()) > 0 and not requested():
+            ended = slots.wait(timeout=min(left, _SIGNAL_POLL_S))
+            if ended:
+                return ended
+        return []
 
     def _finish(self, number: int, outcome: Outcome) -> None:
         if outcome.state == TrialState.FAIL:
