@@ -2,7 +2,8 @@
 (``schema``), and the functions that check a composed config and turn it into objects.
 
 Each group in ``conf/`` (model, data, lora, quant, train, eval, tracking, paths,
-objective) fills one dataclass of ``schema``. Hydra checks keys and types while composing
+objective) fills one dataclass of ``schema`` (``data`` and ``objective`` have their own
+modules). Hydra checks keys and types while composing
 (a typo or ``train.learning_rate=abc`` fails there); :func:`validate` then checks ranges
 and cross-field rules, before any data or model is touched::
 
@@ -19,12 +20,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from finqa_exp.config.checks import ConfigError
+from finqa_exp.config.data import ColumnsConfig, DataConfig
 from finqa_exp.config.objective import ObjectiveConfig, better_direction
 from finqa_exp.config.schema import (
     DTYPES,
     SCHEDULERS,
-    ColumnsConfig,
-    DataConfig,
     EvalConfig,
     FinqaConfig,
     LoraConfig,

@@ -13,7 +13,9 @@ from typing import Any
 from finqa_exp.config.checks import _require
 
 # Scores where lower is better: an objective on them is minimized.
-LOWER_IS_BETTER = ("eval_loss", "final_train_loss", "train_time_s", "peak_memory_mb")
+LOWER_IS_BETTER = (
+    "eval_loss", "final_train_loss", "train_time_s", "peak_memory_mb", "perplexity",
+)  # fmt: skip
 # Scores where higher is better (and their base_/delta_ forms): maximized.
 HIGHER_IS_BETTER = ("rouge1", "rouge2", "rougeL", "numeric_accuracy", "tokens_per_s")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finqa_exp.config.checks import _module_exists, _require
+from finqa_exp.config.data import DataConfig
 from finqa_exp.config.objective import ObjectiveConfig
 
 
@@ -66,62 +67,6 @@ class ModelConfig:
             self.gradient_checkpointing in choices,
             f"model.gradient_checkpointing must be one of {choices}, "
             f"got '{self.gradient_checkpointing}'",
-        )
-
-
-@dataclass
-class ColumnsConfig:
-    """Which source columns hold the question, its optional context and the answer."""
-
-    instruction: str = "instruction"
-    input: str | None = "input"
-    output: str = "output"
-
-
-@dataclass
-class DataConfig:
-    """Where the Q&A pairs come from and how they become training examples."""
-
-    name: str = "finqa_sample"
-    # bundled: the set shipped in finqa_exp/resources; hub: a datasets hub id in `path`;
-    # local: a JSON, JSONL, CSV or Parquet file in `path`.
-    source: str = "bundled"
-    path: str | None = None
-    hub_split: str = "train"
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    prompt_template: str = "### Question: {question}\n\n### Answer: "
-    subset_size: int | None = None
-    test_size: float = 0.1
-    seed: int = 42
-    max_length: int = 512
-    min_answer_words: int = 3
-
-    def __post_init__(self) -> None:
-        sources = ("bundled", "hub", "local")
-        _require(
-            self.source in sources, f"data.source must be one of {sources}, got '{self.source}'"
-        )
-        if self.source in ("hub", "local"):
-            _require(bool(self.path), f"data.path is required for data.source={self.source}")
-        _require(
-            "{question}" in self.prompt_template,
-            f"data.prompt_template must contain '{{question}}', got {self.prompt_template!r}",
-        )
-        _require(self.test_size > 0, f"data.test_size must be > 0, got {self.test_size}")
-        if self.test_size >= 1:
-            _require(
-                float(self.test_size).is_integer(),
-                "data.test_size must be a fraction in (0, 1) or a whole count, "
-                f"got {self.test_size}",
-            )
-        if self.subset_size is not None:
-            _require(
-                self.subset_size >= 2, f"data.subset_size must be >= 2, got {self.subset_size}"
-            )
-        _require(self.max_length >= 16, f"data.max_length must be >= 16, got {self.max_length}")
-        _require(
-            self.min_answer_words >= 0,
-            f"data.min_answer_words must be >= 0, got {self.min_answer_words}",
         )
 
 
@@ -297,6 +242,11 @@ class EvalConfig:
     max_questions: int | None = None
     # Questions shown with reference, base and tuned answers in the logged table.
     num_samples: int = 10
+    # Text data: prompts whose greedy completions, base and tuned, are logged side by side
+    # (null: the first `probe_words` words of `num_samples` held-out documents, and the
+    # Llama-2 project's own example prompt).
+    probes: list[str] | None = None
+    probe_words: int = 6
     # evaluate modules beside ROUGE: shipped (finqa_exp/metrics), a local path, or a hub name.
     metrics: list[str] = field(default_factory=lambda: ["numeric_accuracy"])
     # Paired bootstrap over the test questions: resamples and confidence level.
@@ -314,6 +264,11 @@ class EvalConfig:
                 f"eval.max_questions must be >= 1, got {self.max_questions}",
             )
         _require(self.num_samples >= 0, f"eval.num_samples must be >= 0, got {self.num_samples}")
+        _require(self.probe_words >= 1, f"eval.probe_words must be >= 1, got {self.probe_words}")
+        _require(
+            self.probes is None or all(p.strip() for p in self.probes),
+            f"eval.probes must not hold an empty prompt, got {self.probes!r}",
+        )
         _require(
             self.bootstrap_resamples >= 1000,
             f"eval.bootstrap_resamples must be >= 1000, got {self.bootstrap_resamples}",

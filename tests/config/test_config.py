@@ -25,7 +25,7 @@ GROUPS = {
     [f"{g}={name}" for g, names in GROUPS.items() for name in names],
 )
 def test_every_preset_composes_and_validates(override, tmp_path):
-    extra = ["data.path=pairs.csv"] if override == "data=local" else []
+    extra = ["data.path=pairs.csv"] if override in ("data=local", "data=text") else []
     cfg = compose_cfg([override, *extra], tmp_path)
     conf = validate(cfg)
     assert Path(conf.paths.studies_dir).is_absolute()
@@ -54,9 +54,42 @@ def test_seed_llama2_7b_is_the_reference_recipe(tmp_path):
     assert conf.quant.load_in_4bit
 
 
+def test_seed_llama2_7b_domain_is_the_recipe_on_plain_text(tmp_path):
+    conf = validate(compose_cfg(["experiment=seed_llama2_7b_domain"], tmp_path))
+    assert conf.model.name_or_path == "meta-llama/Llama-2-7b-hf"
+    assert (conf.lora.r, conf.lora.alpha, conf.lora.target_modules) == (8, 32, ["q_proj", "v_proj"])
+    assert (conf.train.learning_rate, conf.train.batch_size, conf.train.epochs) == (1e-4, 4, 5)
+    assert (conf.data.format, conf.data.source, conf.data.text_column) == ("text", "hub", "text")
+    assert (conf.data.subset_size, conf.data.test_size, conf.data.prompt_template) == (
+        1000, 100, "{question}"
+    )  # fmt: skip
+    assert (conf.objective.metrics, conf.objective.directions) == (("perplexity",), ("minimize",))
+
+
+def test_text_data_brings_its_objective_and_keeps_the_users(tmp_path):
+    conf = validate(compose_cfg(["data=finance_text"], tmp_path))
+    assert (conf.data.format, conf.data.max_length) == ("text", 256)
+    assert (conf.objective.metric, conf.objective.direction) == ("perplexity", "minimize")
+    own = ["data=finance_text", "objective.metric=eval_loss", "objective.direction=minimize"]
+    assert validate(compose_cfg(own, tmp_path)).objective.metric == "eval_loss"
+    from finqa_exp.trial import check_objective_names
+
+    with pytest.raises(ConfigError, match=r"minimize does not fit objective\.metric=rougeL"):
+        validate(compose_cfg(["data=finance_text", "objective.metric=rougeL"], tmp_path))
+    rouge = ["data=finance_text", "objective.metric=rougeL", "objective.direction=maximize"]
+    rouge = validate(compose_cfg(rouge, tmp_path))
+    with pytest.raises(ConfigError, match=r"objective\.metric=rougeL is not a metric a trial"):
+        check_objective_names(rouge, {"perplexity"})
+    templated = ["data=finance_text", "data.prompt_template='Q: {question}'"]
+    with pytest.raises(ConfigError, match=r"must be '\{question\}' for data.format=text"):
+        validate(compose_cfg(templated, tmp_path))
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
+        ("data.format=csv", "data.format must be one of ('qa', 'text'), got 'csv'"),
+        ("eval.probe_words=0", "eval.probe_words must be >= 1, got 0"),
         ("train.learning_rate=0", "train.learning_rate must be > 0, got 0.0"),
         ("train.learning_rate=-1e-4", "train.learning_rate must be > 0, got -0.0001"),
         ("lora.r=0", "lora.r must be >= 1, got 0"),
