@@ -8,6 +8,8 @@ policies), as in the Llama-2 project we learn from::
     train, test, stats = prepare(docs, test_size=0.1, seed=42, block_size=512)
     blocks = pack([tokenizer(d.text)["input_ids"] for d in train], 512, eos_id)
 
+    splits = load_corpus(conf.data)                # the same, as a trial does it (data.format=text)
+
 Empty and repeated documents are dropped, the held-out split is by document (no text of a
 test document is trained on), and each split is tokenized once and packed into blocks of
 ``block_size`` tokens, with an end-of-text token after each document, so no compute goes
@@ -25,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from finqa_exp import data
+from finqa_exp.config import DataConfig
 from finqa_exp.data import DataError, load_hub_rows, read_table
 
 TEXT_SUFFIXES = (".txt", ".md")
+# The Llama-2 project's own example prompt: its completions showed the adaptation.
+SEED_PROMPT = "The investment tests performed indicate"
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,25 @@ class CorpusStats:
     empty: int = 0
     duplicates: int = 0
     kept: int = 0
+
+
+@dataclass
+class TextSplits:
+    """A corpus split by document (data.Splits' counterpart for ``data.format=text``)."""
+
+    train: list[Document]
+    test: list[Document]
+    stats: CorpusStats
+    source: str
+
+    def fingerprint(self) -> str:
+        """Stable id of the exact documents in both splits (keys the caches)."""
+        h = hashlib.sha256()
+        for name, docs in (("train", self.train), ("test", self.test)):
+            h.update(name.encode())
+            for d in docs:
+                h.update(d.text.encode() + b"\1")
+        return h.hexdigest()[:16]
 
 
 def bundled_corpus() -> Path:
@@ -115,14 +139,20 @@ def clean(docs: list[Document]) -> tuple[list[Document], CorpusStats]:
 
 
 def split(
-    docs: list[Document], test_size: float, seed: int
+    docs: list[Document], test_size: float, seed: int, subset_size: int | None = None
 ) -> tuple[list[Document], list[Document]]:
-    """A deterministic split by document: ``test_size`` a fraction or a count of them."""
-    return data.split(docs, test_size, seed, noun="documents")
+    """A deterministic split by document: ``test_size`` a fraction or a count of them
+    (of ``subset_size`` documents drawn first, if given)."""
+    return data.split(docs, test_size, seed, subset_size, noun="documents")
 
 
 def prepare(
-    docs: list[Document], test_size: float, seed: int, block_size: int, source: str = "corpus"
+    docs: list[Document],
+    test_size: float,
+    seed: int,
+    block_size: int,
+    source: str = "corpus",
+    subset_size: int | None = None,
 ) -> tuple[list[Document], list[Document], CorpusStats]:
     """Clean, split by document and check that the training split fills a block."""
     kept, stats = clean(docs)
@@ -131,7 +161,7 @@ def prepare(
             f"{source}: only {len(kept)} usable document(s) after cleaning "
             f"({stats.empty} empty, {stats.duplicates} duplicates of {stats.documents})"
         )
-    train, test = split(kept, test_size, seed)
+    train, test = split(kept, test_size, seed, subset_size)
     chars = sum(len(d.text) + 1 for d in train)
     if chars < block_size:
         raise DataError(
@@ -147,3 +177,55 @@ def pack(token_ids: list[list[int]], block_size: int, eos_id: int) -> list[list[
     the last block holds the remainder and may be shorter."""
     stream = [t for ids in token_ids for t in (*ids, eos_id)]
     return [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
+
+
+def load_corpus(cfg: DataConfig) -> TextSplits:
+    """Read, clean and split the configured text (``data.format=text``). Raises DataError;
+    loads no model."""
+    if cfg.source == "hub":
+        assert cfg.path is not None
+        docs, source = hub_documents(cfg.path, cfg.hub_split, cfg.text_column), cfg.path
+    else:
+        path = Path(cfg.path) if cfg.path else bundled_corpus()
+        docs, source = read_documents(path, cfg.text_column), str(path)
+    train, test, stats = prepare(
+        docs, cfg.test_size, cfg.seed, cfg.max_length, source, cfg.subset_size
+    )
+    return TextSplits(train, test, stats, source)
+
+
+_BLOCKS: dict[str, Any] = {}
+
+
+def blocks_dataset(tokenizer: Any, docs: list[Document], block_size: int, key: str) -> Any:
+    """A datasets.Dataset of one split's packed blocks, labels = input_ids (the loss covers
+    every token); built once per ``key`` in this process, like data.tokenize."""
+    if key in _BLOCKS:
+        return _BLOCKS[key]
+    import datasets
+
+    # Each document as the tokenizer starts a text (Llama: with BOS), as a prompt is at
+    # generation, and ended with EOS.
+    ids = [tokenizer(d.text)["input_ids"] for d in docs]
+    blocks = pack(ids, block_size, tokenizer.eos_token_id)
+    rows = [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks]
+    _BLOCKS[key] = ds = datasets.Dataset.from_list(rows)
+    return ds
+
+
+def probe_prompts(
+    test: list[Document], probes: list[str] | None, count: int, words: int
+) -> list[tuple[str, str]]:
+    """(prompt, what the document says next) pairs to complete: ``probes`` as given (no
+    reference), or ``count`` of them: SEED_PROMPT, then the first ``words`` words of
+    held-out documents."""
+    if probes is not None:
+        return [(p, "") for p in probes]
+    pairs = [(SEED_PROMPT, "")]
+    for doc in test[: max(count - 1, 0)]:
+        lines = doc.text.splitlines()
+        while lines and (not lines[0].strip() or lines[0].startswith("#")):
+            lines.pop(0)  # a Markdown title is not how the prose opens
+        split = " ".join(lines).split() or doc.text.split()
+        pairs.append((" ".join(split[:words]), " ".join(split[words : words + 60])))
+    return pairs[:count]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from finqa_exp.config import EvalConfig, FinqaConfig
 from finqa_exp.data import QAPair, cache_key
 from finqa_exp.modeling import Base
 from finqa_exp.prompts import format_prompt
+from finqa_exp.tracking import names
 
 log = logging.getLogger(__name__)
 
@@ -109,35 +109,6 @@ def generate_answers(
     return answers
 
 
-@torch.no_grad()
-def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
-    """Held-out perplexity of packed token ``blocks`` (finqa_exp/corpus.py) and the number
-    of tokens it was computed on: exp of the mean negative log-likelihood of every token
-    that has one before it in its block. Blocks of unequal length are padded per batch
-    and the padding is left out, so the batch size does not change the result."""
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        width = max(len(b) for b in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, block in enumerate(batch):
-            ids[row, : len(block)] = torch.tensor(block)
-            mask[row, : len(block)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        keep = mask[:, 1:].bool()
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
-    if count == 0:
-        raise ValueError("perplexity needs a block of at least 2 tokens")
-    return math.exp(total / count), count
-
-
 @dataclass
 class Answers:
     """Greedy answers to the test questions, and their scores: over all questions, per
@@ -151,20 +122,57 @@ class Answers:
 
 @dataclass
 class Evaluator:
-    """How a trial scores a model: its prompt, eval settings and ``evaluate`` metrics."""
+    """How a trial scores a model on Q&A data: its test questions, prompt, eval settings
+    and ``evaluate`` metrics (finqa_exp/text_eval.py's TextEvaluator is the text one).
+
+    A trial calls ``score_base``, ``score_tuned``, then ``metrics``, ``samples`` and
+    ``tables`` on the two results."""
 
     template: str
     ev: EvalConfig
-    metrics: dict[str, Any]  # evaluate modules by name (finqa_exp/metrics)
+    metrics_modules: dict[str, Any]  # evaluate modules by name (finqa_exp/metrics)
+    test: list[QAPair] = field(default_factory=list)
+    skipped = None  # no score is left out
 
     @classmethod
-    def from_config(cls, conf: FinqaConfig) -> Evaluator:
-        """Loads ``eval.metrics`` (MetricError before any model loads if one cannot be)."""
-        return cls(conf.data.prompt_template, conf.eval, metrics_lib.load(conf.eval.metrics))
+    def from_config(cls, conf: FinqaConfig, test: list[QAPair] | None = None) -> Evaluator:
+        """Loads ``eval.metrics`` (MetricError before any model loads if one cannot be);
+        scores the first ``eval.max_questions`` of ``test``."""
+        test = (test or [])[: conf.eval.max_questions or None]
+        modules = metrics_lib.load(conf.eval.metrics)
+        return cls(conf.data.prompt_template, conf.eval, modules, test)
 
     def score_names(self) -> set[str]:
         """Every score this evaluator logs (ROUGE and the metrics' float outputs)."""
-        return metrics_lib.score_names(self.metrics)
+        return metrics_lib.score_names(self.metrics_modules)
+
+    def score_base(
+        self, conf: FinqaConfig, base: Base, timed: Callable[[], AbstractContextManager]
+    ) -> Answers:
+        """The base model's answers to the test questions, scored (cached: base_answers)."""
+        return base_answers(self, conf, base, self.test, timed)
+
+    def score_tuned(self, model: Any, base: Base) -> Answers:
+        """``model``'s answers to the test questions, scored."""
+        return self.answer(model, base.tokenizer, self.test)
+
+    def metrics(self, before: Answers, after: Answers) -> dict[str, float]:
+        """The tuned scores and counts, the base's (``base_<k>``), the change
+        (``delta_<k>``) and the bootstrap intervals of both."""
+        return {
+            **after.scores,
+            **{k: float(v) for k, v in after.counts.items()},
+            **{f"base_{k}": v for k, v in before.scores.items()},
+            **{f"delta_{k}": after.scores[k] - before.scores[k] for k in after.scores},
+            **intervals(before, after, self.ev),
+        }
+
+    def samples(self, before: Answers, after: Answers) -> list[dict[str, str]]:
+        return sample_rows(self.test, before, after)
+
+    def tables(self, before: Answers, after: Answers) -> dict[str, list[dict[str, Any]]]:
+        """The per-question scores of both models (names.SCORES_ARTIFACT)."""
+        return {names.SCORES_ARTIFACT: score_table(self.test, before, after)}
 
     def answer(self, model: Any, tokenizer: Any, test: list[QAPair]) -> Answers:
         """The model's greedy answers to ``test``, scored."""
@@ -179,7 +187,7 @@ class Evaluator:
         rouge_scores = rouge_per_question(answers, references)
         result = Answers({k: _mean(v) for k, v in rouge_scores.items()}, answers)
         result.per_question.update(rouge_scores)
-        for module in self.metrics.values():
+        for module in self.metrics_modules.values():
             scores, counts, per_question = metrics_lib.compute(module, answers, references)
             result.scores.update(scores)
             result.counts.update(counts)

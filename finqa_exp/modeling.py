@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from finqa_exp import corpus
 from finqa_exp import data as data_lib
-from finqa_exp.config import FinqaConfig, LoraConfig, ModelConfig, QuantConfig
+from finqa_exp.config import DataConfig, FinqaConfig, LoraConfig, ModelConfig, QuantConfig
 from finqa_exp.devices import native_bf16
 
 log = logging.getLogger(__name__)
@@ -312,16 +313,41 @@ class Base:
     data_key: str  # identifies tokenizer, data, template and max length
 
 
-def base_model_source(conf: FinqaConfig, splits: data_lib.Splits) -> str:
-    """Local folder or hub id of the base model; builds (or reuses) the tiny one if asked."""
+def base_model_source(conf: FinqaConfig, splits: data_lib.Splits | corpus.TextSplits) -> str:
+    """Local folder or hub id of the base model; builds (or reuses) the tiny one if asked.
+
+    The tiny base learns the domain from Q&A pairs: these, or for text data the bundled
+    pairs, so that adapting it to a corpus it has never read is real adaptation."""
     from finqa_exp import tiny
 
     if conf.model.name_or_path:
         return conf.model.name_or_path
+    if isinstance(splits, corpus.TextSplits):
+        splits = data_lib.load_splits(DataConfig())
     return str(tiny.build_tiny_base(conf.model.tiny, splits.train, conf.paths.cache_dir))
 
 
-def load_base(conf: FinqaConfig, splits: data_lib.Splits, dev: torch.device) -> Base:
+def tokenized_splits(
+    conf: FinqaConfig, splits: data_lib.Splits | corpus.TextSplits, tokenizer: Any, key: str
+) -> tuple[Any, Any]:
+    """Train and test datasets: each Q&A pair as prompt + answer (the loss on the answer),
+    or a corpus split packed into blocks of ``data.max_length`` (the loss on every token)."""
+    d = conf.data
+    if isinstance(splits, corpus.TextSplits):
+        return (
+            corpus.blocks_dataset(tokenizer, splits.train, d.max_length, f"train-{key}"),
+            corpus.blocks_dataset(tokenizer, splits.test, d.max_length, f"test-{key}"),
+        )
+    template, max_len = d.prompt_template, d.max_length
+    return (
+        data_lib.tokenize(tokenizer, template, splits.train, max_len, f"train-{key}"),
+        data_lib.tokenize(tokenizer, template, splits.test, max_len, f"test-{key}"),
+    )
+
+
+def load_base(
+    conf: FinqaConfig, splits: data_lib.Splits | corpus.TextSplits, dev: torch.device
+) -> Base:
     """The base model, loaded once per process (a sweep's later trials reuse it: adapters
     are swapped), and the tokenized splits."""
     source = base_model_source(conf, splits)
@@ -334,11 +360,10 @@ def load_base(conf: FinqaConfig, splits: data_lib.Splits, dev: torch.device) -> 
         torch.cuda.reset_peak_memory_stats(dev)
     d = conf.data
     key = data_lib.cache_key(
-        source, conf.model.revision, splits.fingerprint(), d.prompt_template, d.max_length
-    )
-    template, max_len = d.prompt_template, d.max_length
-    train_ds = data_lib.tokenize(tokenizer, template, splits.train, max_len, f"train-{key}")
-    eval_ds = data_lib.tokenize(tokenizer, template, splits.test, max_len, f"test-{key}")
+        source, conf.model.revision, splits.fingerprint(), d.format, d.prompt_template,
+        d.max_length,
+    )  # fmt: skip
+    train_ds, eval_ds = tokenized_splits(conf, splits, tokenizer, key)
     return Base(source, tokenizer, model, dev, train_ds, eval_ds, key)
 
 

@@ -1,4 +1,5 @@
-"""Statistics for "is the difference real?": paired bootstrap intervals over test questions.
+"""Statistics for "is the difference real?": paired bootstrap intervals over test questions
+(or, for a perplexity, over held-out blocks).
 
     low, high = paired_bootstrap([0.2, 0.4, 0.1], [0.1, 0.3, 0.1])   # mean of a - b, 95 %
 
@@ -50,3 +51,27 @@ def paired_bootstrap(
     """Interval of the mean of ``a - b`` over the questions both scored (of ``a`` alone
     when ``b`` is None)."""
     return bootstrap_interval(paired(a, b), resamples, level, seed)
+
+
+def perplexity_interval(
+    nll: Sequence[float],
+    tokens: Sequence[int],
+    base_nll: Sequence[float] | None = None,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a perplexity, ``exp(sum nll / sum tokens)`` over
+    held-out blocks (per block: summed negative log-likelihood and tokens), or of its
+    difference from ``base_nll``'s on the same blocks, resampled by block."""
+    a, n = np.asarray(nll, dtype=float), np.asarray(tokens, dtype=float)
+    if a.size == 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(resamples, a.size))
+    count = n[idx].sum(axis=1)
+    values = np.exp(a[idx].sum(axis=1) / count)
+    if base_nll is not None:
+        values -= np.exp(np.asarray(base_nll, dtype=float)[idx].sum(axis=1) / count)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from finqa_exp import corpus, tracking
 from finqa_exp import data as data_lib
-from finqa_exp import tracking
 from finqa_exp.config import ConfigError, FinqaConfig, flatten, validate
 from finqa_exp.tracking import names
 from finqa_exp.tracking.trial_run import TrialRun, trial_run_name, trial_run_tags
 
 if TYPE_CHECKING:
-    from finqa_exp import checkpoints, evaluation, modeling
+    from finqa_exp import checkpoints, evaluation, modeling, text_eval
     from finqa_exp.training import LossHistory, TrainResult
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,12 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
     start = time.perf_counter()
     conf = validate(cfg)  # ConfigError: ranges and consistency
     splits = load_data(conf)  # DataError: files, columns, sizes
+    check_objective_names(conf, expected_scores(conf))  # ConfigError: not a logged metric
     tracker = tracker or tracking.make_tracker(conf.tracking)  # TrackingError: unreachable
     # torch, transformers and bitsandbytes take seconds to import: only for good input.
     from finqa_exp import checkpoints, devices, evaluation, modeling
 
-    evaluator = evaluation.Evaluator.from_config(conf)  # MetricError: cannot load a metric
+    evaluator = make_evaluator(conf, splits)  # MetricError: cannot load a metric
     check_objective_names(conf, evaluator.score_names())  # ConfigError: not a logged metric
     dev = devices.device()  # this process's one GPU, pinned before CUDA starts, or the CPU
     trial = _sweep_trial()
@@ -84,31 +85,34 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
         if plan is not None:
             plan.run_id = run.run_id  # its checkpoints name the run that wrote them
         run.log_config(flatten(cfg), OmegaConf.to_yaml(cfg, resolve=True))
+        if evaluator.skipped:
+            log.info("not scored: %s", evaluator.skipped)
+            tracker.set_tags({names.SCORES_SKIPPED_TAG: evaluator.skipped})
         with run.phase("load"):
             base = modeling.load_base(conf, splits, dev)
-        test = splits.test[: conf.eval.max_questions] if conf.eval.max_questions else splits.test
-        timed = partial(run.phase, "generate_base")  # only if not cached
-        before = evaluation.base_answers(evaluator, conf, base, test, timed)
+        before = evaluator.score_base(conf, base, partial(run.phase, "generate_base"))
+        log.info("base scores: %s", evaluation.format_scores(before.scores))
         with run.phase("add_lora"):
             adapter = modeling.add_adapter(conf, base)
         trained = train_adapter(conf, adapter, base, run, plan)
         with run.phase("generate_tuned"):
-            after = evaluator.answer(adapter.model, base.tokenizer, test)
+            after = evaluator.score_tuned(adapter.model, base)
         log.info("tuned scores: %s", evaluation.format_scores(after.scores))
         peak = devices.peak_memory(dev)
-        metrics = {**trial_metrics(before, after, trained, adapter), **peak.metrics}
-        metrics.update(evaluation.intervals(before, after, conf.eval))
+        metrics = {**evaluator.metrics(before, after), **trial_metrics(trained, adapter)}
+        metrics.update(peak.metrics)
         check_objective(conf, metrics)
         with run.phase("save"):  # before the scores: a run without its adapter has none
             adapter_dir = save_adapter(conf, adapter, base.tokenizer, tracker)
-        samples = evaluation.sample_rows(test, before, after)
+        samples = evaluator.samples(before, after)
         with run.phase("log_model"):
             model_id = log_served_model(conf, base, adapter_dir, samples, tracker, name)
         with run.phase("record"):
             tracker.log_metrics(metrics, model_id=model_id)  # the run's, and its model's
             tracker.set_tags({names.PEAK_MEMORY_KIND_TAG: peak.kind})
             tracker.log_table(samples[: conf.eval.num_samples], names.SAMPLES_ARTIFACT)
-            tracker.log_table(evaluation.score_table(test, before, after), names.SCORES_ARTIFACT)
+            for artifact, rows in evaluator.tables(before, after).items():
+                tracker.log_table(rows, artifact)
         values = [metrics[m] for m in conf.objective.metrics]
         return TrialResult(
             objective=values[0] if len(values) == 1 else values,
@@ -124,15 +128,36 @@ def execute(cfg: DictConfig, tracker: tracking.Tracker | None = None) -> TrialRe
 # ----------------------------------------------------------------------------- steps
 
 
-def load_data(conf: FinqaConfig) -> data_lib.Splits:
-    splits = data_lib.load_splits(conf.data)
-    stats = splits.stats
+def load_data(conf: FinqaConfig) -> data_lib.Splits | corpus.TextSplits:
+    """Q&A pairs, or a corpus split by document (``data.format=text``); DataError if unusable."""
+    if conf.data.format == "text":
+        splits = corpus.load_corpus(conf.data)
+        s = splits.stats
+        log.info(
+            "data: %d train / %d test documents (%d read; dropped %d empty, %d duplicate)",
+            len(splits.train), len(splits.test), s.documents, s.empty, s.duplicates,
+        )  # fmt: skip
+        return splits
+    pairs = data_lib.load_splits(conf.data)
+    stats = pairs.stats
     log.info(
         "data: %d train / %d test pairs (%d rows; dropped %d unpaired, %d short, %d duplicate)",
-        len(splits.train), len(splits.test), stats.rows, stats.unpaired,
+        len(pairs.train), len(pairs.test), stats.rows, stats.unpaired,
         stats.short_answers, stats.duplicates,
     )  # fmt: skip
-    return splits
+    return pairs
+
+
+def make_evaluator(
+    conf: FinqaConfig, splits: data_lib.Splits | corpus.TextSplits
+) -> evaluation.Evaluator | text_eval.TextEvaluator:
+    """What scores the base and tuned models: answers to the test questions (ROUGE and
+    ``eval.metrics``), or for text, held-out perplexity and completions."""
+    from finqa_exp import evaluation, text_eval
+
+    if isinstance(splits, corpus.TextSplits):
+        return text_eval.TextEvaluator.from_config(conf, splits)
+    return evaluation.Evaluator.from_config(conf, splits.test)
 
 
 def train_adapter(
@@ -197,19 +222,10 @@ def continue_attempt(plan: checkpoints.Plan, run: TrialRun, batch_size: int, n: 
             log.warning("could not copy run %s's curves: %s", writer["run_id"], err)
 
 
-def trial_metrics(
-    before: evaluation.Answers,
-    after: evaluation.Answers,
-    trained: TrainResult,
-    adapter: modeling.Adapter,
-) -> dict[str, float]:
-    """What a trial's run records as metrics (peak memory aside)."""
+def trial_metrics(trained: TrainResult, adapter: modeling.Adapter) -> dict[str, float]:
+    """What a trial's run records about its training (the evaluator's scores aside)."""
     trainable, _ = adapter.model.get_nb_trainable_parameters()
     metrics: dict[str, float] = {
-        **after.scores,
-        **{k: float(v) for k, v in after.counts.items()},
-        **{f"base_{k}": v for k, v in before.scores.items()},
-        **{f"delta_{k}": after.scores[k] - before.scores[k] for k in after.scores},
         "train_time_s": trained.runtime_s,
         "train_tokens": float(trained.tokens_seen),
         "tokens_per_s": trained.tokens_per_s,
@@ -235,6 +251,16 @@ def objective_choices(score_names: set[str]) -> set[str]:
             choices |= {name, f"{name}_ci_low", f"{name}_ci_high"}
         choices.add(f"base_{k}")
     return choices
+
+
+def expected_scores(conf: FinqaConfig) -> set[str] | None:
+    """The score names a trial will log, where known before its metrics load: perplexity
+    for text, ROUGE and the shipped metrics' for Q&A (None: a metric not shipped)."""
+    if conf.data.format == "text":
+        return {names.PERPLEXITY}
+    from finqa_exp import metrics
+
+    return metrics.expected_scores(conf.eval.metrics)
 
 
 def check_objective_names(conf: FinqaConfig, score_names: set[str] | None) -> None:
@@ -292,10 +318,13 @@ def log_served_model(
     # The hub commit the base was loaded at (None for a folder): the served model loads it.
     revision = modeling.hub_commit(conf.model.name_or_path, conf.model.revision)
     settings = spec.settings_for(conf, revision, tracker.run_id)
-    first = samples[0] if samples else {"question": spec.EXAMPLE_QUESTION, "tuned_answer": ""}
+    # A test question and its tuned answer, or for text a probe and its tuned completion.
+    first = samples[0] if samples else {}
+    question = first.get("question", first.get("prompt", spec.EXAMPLE_QUESTION))
+    answer = first.get("tuned_answer", first.get("tuned_completion", ""))
     return tracker.log_model(
         name, serving.MODEL_CODE, spec.artifacts_for(adapter_dir, base.source, settings),
-        settings.to_dict(), ([first["question"]], [first["tuned_answer"]]),
+        settings.to_dict(), ([question], [answer]),
         {"max_new_tokens": settings.max_new_tokens},
         {names.MODEL_TAG: conf.model.name, names.DATA_TAG: conf.data.name},
     )  # fmt: skip
@@ -324,12 +353,13 @@ def preflight(cfg: DictConfig) -> None:
     # Once per distinct data config: a sweep checks many configs that share their data.
     key = json.dumps(asdict(conf.data), sort_keys=True)
     if key not in _CHECKED_DATA:
-        data_lib.load_splits(conf.data)
+        load_data(conf)
         _CHECKED_DATA.add(key)
-    from finqa_exp import metrics
+    if conf.data.format == "qa":  # text is scored by perplexity: eval.metrics unused
+        from finqa_exp import metrics
 
-    metrics.check(conf.eval.metrics)  # MetricError: a local metric that is not there
-    check_objective_names(conf, metrics.expected_scores(conf.eval.metrics))
+        metrics.check(conf.eval.metrics)  # MetricError: a local metric that is not there
+    check_objective_names(conf, expected_scores(conf))
     if conf.tracking.backend == "mlflow":
         # A stopped tracking server fails the sweep here, before the study has a trial.
         tracking.check_reachable(conf.tracking.uri)

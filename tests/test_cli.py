@@ -38,7 +38,31 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     truncated.write_text('{"instruction": "What is a bond?", "output": "A loan to an iss')
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("title,body\nWhat is a bond?,A loan to an issuer that pays interest.\n")
-    return {"empty": empty, "truncated": truncated, "wrong": wrong}
+    nodocs = tmp_path / "nodocs"
+    nodocs.mkdir()
+    (nodocs / "report.pdf").write_bytes(b"%PDF-1.4")
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"body": "Bonds pay coupons."}\n{"body": "Stocks pay dividends."}\n')
+    short = tmp_path / "short.txt"
+    short.write_text("Bonds pay coupons.\n\nStocks pay dividends.\n\nBanks take deposits.\n")
+    return {
+        "empty": empty, "truncated": truncated, "wrong": wrong, "nodocs": nodocs,
+        "notes": notes, "short": short,
+    }  # fmt: skip
+
+
+# Text data (data=text): the same one-line errors, before any model loads.
+TEXT_CASES = [
+    (["data=text", "data.path=missing"], "error: data.path: file not found: missing"),
+    (["data=text", "data.path={nodocs}"], "error: data.path: no .txt or .md files in {nodocs}"),
+    (["data=text", "data.path={notes}"], "no text column 'text' (columns: body)"),
+    (["data=text", "data.path={short}"], "fewer than one block of data.max_length=512 tokens"),
+    (
+        ["data=finance_text", "objective.metric=rougeL", "objective.direction=maximize"],
+        "error: objective.metric=rougeL is not a metric a trial logs: the scores are "
+        "['perplexity']",
+    ),
+]
 
 
 CASES = [
@@ -50,6 +74,7 @@ CASES = [
     (["data=local", "data.path={empty}"], "error: data.path: file is empty: {empty}"),
     (["data=local", "data.path={truncated}"], "line 1 is not valid JSON (truncated file?)"),
     (["data=local", "data.path={wrong}"], "missing column 'instruction' for the instruction"),
+    *TEXT_CASES,
 ]
 
 
@@ -116,6 +141,7 @@ def test_unknown_options_fail_at_composition(tmp_path, args, expected):
         (["data=local", "data.path={empty}"], "error: data.path: file is empty: {empty}"),
         (["data=local", "data.path={truncated}"], "line 1 is not valid JSON (truncated file?)"),
         (["data=local", "data.path={wrong}"], "missing column 'instruction' for the instruction"),
+        *TEXT_CASES[2:],
     ],
 )
 def test_a_sweep_with_bad_input_creates_no_trial(tmp_path, args, expected):

@@ -63,27 +63,3 @@ def test_base_score_cache_roundtrip(tmp_path):
     evaluation.save_cached(tmp_path, key, evaluation.Answers({"rougeL": 0.5}, ["x"]))
     assert evaluation.load_cached(tmp_path, key) == evaluation.Answers({"rougeL": 0.5}, ["x"])
     assert cache_key("model", {"r": 2}, "q") != key
-
-
-def test_perplexity_is_the_hand_computed_mean_token_nll(tiny_model):
-    """exp(mean of -log p(token | the tokens before it in its block)), computed here one
-    block and one position at a time from the model's softmax; batching and padding of
-    unequal blocks must not change it."""
-    import math
-
-    model, tok = tiny_model
-    texts = ["The bond pays a fixed coupon every year.", "Yields rise.", "A stock is a share."]
-    blocks = [tok(t)["input_ids"] for t in texts]
-    nll, n = 0.0, 0
-    for block in blocks:
-        for t in range(1, len(block)):
-            logits = model(input_ids=torch.tensor([block[:t]])).logits[0, -1]
-            nll -= torch.log_softmax(logits.double(), dim=-1)[block[t]].item()
-            n += 1
-    by_hand = math.exp(nll / n)
-    for batch_size in (1, 2, 3):
-        ppl, count = evaluation.perplexity(model, blocks, batch_size)
-        assert count == n == sum(len(b) - 1 for b in blocks)
-        assert ppl == pytest.approx(by_hand, rel=1e-5)
-    with pytest.raises(ValueError, match="at least 2 tokens"):
-        evaluation.perplexity(model, [[5]])

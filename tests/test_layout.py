@@ -20,7 +20,7 @@ LAYERS = [
     {"corpus"},
     {"modeling", "tiny"},
     {"checkpoints"},
-    {"training", "evaluation"},
+    {"training", "evaluation", "text_eval"},
     {"serving"},
     {"trial"},
     {"report", "bench"},

@@ -21,6 +21,8 @@ STUDY_TAG = "study"  # the study's name, on its parent run and every trial's run
 TRIAL_NUMBER_TAG = "trial_number"
 ROLE_TAG = "optuna_role"  # "study" on a study's parent run
 PEAK_MEMORY_KIND_TAG = "peak_memory_kind"  # what peak_memory_mb measured
+# Of a text trial's run: the scores it did not compute, and why (no reference answers).
+SCORES_SKIPPED_TAG = "scores_skipped"
 MODEL_TAG, DATA_TAG, EXPERIMENT_TAG = "model", "data", "experiment"  # config names
 # Of a confirmation run (finqa_exp/sweep/confirm.py): the trial it trains again, its seed.
 CONFIRMS_TAG, SEED_TAG = "confirms", "seed"
@@ -30,12 +32,16 @@ RESUMED_FROM_TAG, RESUMED_AT_TAG, RESUMED_BY_TAG = "resumed_from", "resumed_at_s
 # Of a champion's registered version: the values its study searched, "key=value, ...".
 SEARCHED_TAG = "searched"
 
+# A text trial's score (finqa_exp/text_eval.py): held-out perplexity, lower is better.
+PERPLEXITY = "perplexity"
+
 # Trial states, as Optuna names them (TrialState.name).
 COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
 
 # Artifacts of a trial's run, and the file beside its adapter in the job folder.
 CONFIG_ARTIFACT = "config.yaml"
-SAMPLES_ARTIFACT = "samples.json"  # the short view: a few questions and both answers
+# The short view: a few questions and both answers (text: probes and both completions).
+SAMPLES_ARTIFACT = "samples.json"
 SCORES_ARTIFACT = "scores.json"  # every scored question, with each score for base and tuned
 ADAPTER_ARTIFACT = "adapter"
 METRICS_FILE = "metrics.json"
