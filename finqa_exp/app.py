@@ -104,7 +104,7 @@ def build(chat: ChatModel, title: str, examples: list[str]) -> Any:
 def example_questions(store: RunStore, run_id: str) -> list[str]:
     """The run's logged test questions (samples.json)."""
     rows = store.table(run_id, names.SAMPLES_ARTIFACT)
-    return [r["question"] for r in rows if r.get("question")][:N_EXAMPLES]
+    return [q for r in rows if (q := r.get("question") or r.get("prompt"))][:N_EXAMPLES]
 
 
 def run(argv: Sequence[str]) -> int:

@@ -164,7 +164,11 @@ def to_markdown(blocks: Sequence[Block]) -> str:
             lines = [
                 "| " + " | ".join(md_inline(h) for h in b.header) + " |",
                 "| " + " | ".join(align) + " |",
-                *("| " + " | ".join(md_inline(c) for c in row) + " |" for row in b.rows),
+                # A line break inside a cell would end the table row: <br> keeps it.
+                *(
+                    "| " + " | ".join(md_inline(c).replace("\n", "<br>") for c in row) + " |"
+                    for row in b.rows
+                ),
             ]
             out.append("\n".join(lines))
         else:

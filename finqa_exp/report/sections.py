@@ -22,6 +22,7 @@ from finqa_exp.report.data import (
     plural,
     state_counts,
 )
+from finqa_exp.report.examples import examples_blocks
 from finqa_exp.report.numbers import (
     Savings,
     compute_spent,
@@ -50,9 +51,21 @@ from finqa_exp.report.render import (
     fmt_value,
 )
 from finqa_exp.report.verdict import confirmed_blocks, fmt_gap, verdict_blocks
+from finqa_exp.tracking.names import PERPLEXITY as PPL
 
 MAX_FAILURES = 10  # failed trials listed with their reasons
 ROUGE = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
+PERPLEXITY = ((PPL, "perplexity"),)  # a text study's (data.format=text)
+
+
+def is_text(data: StudyData) -> bool:
+    """Whether the study's trials were scored on text, by perplexity, not ROUGE."""
+    return data.best.metric(PPL) is not None
+
+
+def scores(data: StudyData) -> tuple[tuple[str, str], ...]:
+    """The study's headline scores, (key, label): ROUGE-1/2/L, or perplexity for text."""
+    return PERPLEXITY if is_text(data) else ROUGE
 
 
 def reason_text(trial: TrialRow) -> str:
@@ -153,7 +166,7 @@ def summary_blocks(data: StudyData, plots: Mapping[str, str], level: int) -> lis
 def winners_blocks(data: StudyData, top_k: int, level: int) -> list[Block]:
     names = list(data.distributions)
     # The objective is one of the shown metrics unless the study optimized something else.
-    shown = {**dict(ROUGE), "eval_loss": "eval loss"}
+    shown = {**dict(scores(data)), "eval_loss": "eval loss"}
     extra = () if data.metric in shown else (f"{data.metric} (objective)",)
     labels = [f"{v} (objective)" if k == data.metric else v for k, v in shown.items()]
     interval = f"{shown.get(data.metric, data.metric)}, 95 % interval"
@@ -215,7 +228,7 @@ def base_vs_best_blocks(data: StudyData, level: int) -> list[Block]:
     best = data.best
     rows = []
     shown = [
-        *ROUGE,
+        *scores(data),
         *(
             (("numeric_accuracy", "numeric accuracy"),)
             if best.metric("numeric_accuracy") is not None
@@ -225,14 +238,23 @@ def base_vs_best_blocks(data: StudyData, level: int) -> list[Block]:
     for key, label in shown:
         base, tuned = best.metric(f"base_{key}"), best.metric(key)
         gap = fmt_interval(best.metric(f"delta_{key}_ci_low"), best.metric(f"delta_{key}_ci_high"))
-        rows.append(
-            (label, fmt_num(base), fmt_num(tuned), fmt_pct(improvement_pct(base, tuned)), gap)
-        )
+        better = improvement_pct(base, tuned)
+        if key == PPL and better is not None:
+            better = -better  # lower is better: a fall is the improvement
+        rows.append((label, fmt_num(base), fmt_num(tuned), fmt_pct(better), gap))
     header = ("metric", "base", "tuned", "improvement", "tuned - base, 95 % interval")
     blocks: list[Block] = [
         Heading(level, f"Base vs best (trial {best.number})"),
         Table(header, tuple(rows), (False, True, True, True, True)),
     ]
+    if is_text(data):
+        n = int(best.metric("perplexity_tokens") or 0)
+        blocks.append(
+            Para(
+                f"Perplexity of the held-out documents ({plural(n, 'token')}); interval: "
+                "bootstrap over their blocks. ROUGE is not computed: text has no reference answers."
+            )
+        )
     if best.metric("numeric_questions") is not None:
         n = int(best.metric("numeric_questions") or 0)
         blocks.append(
@@ -285,27 +307,6 @@ def curves_blocks(data: StudyData, plots: Mapping[str, str], level: int) -> list
     ]
 
 
-def examples_blocks(data: StudyData, level: int) -> list[Block]:
-    if not data.samples:
-        return []
-    blocks: list[Block] = [
-        Heading(level, f"Example answers (best trial {data.best.number}, test questions)")
-    ]
-    for i, row in enumerate(data.samples, start=1):
-        blocks.append(Para((Strong(f"Q{i}."), " " + str(row.get("question", "")))))
-        blocks.append(
-            Table(
-                ("", "answer"),
-                (
-                    ("reference", str(row.get("reference", ""))),
-                    ("base", str(row.get("base_answer", ""))),
-                    ("tuned", str(row.get("tuned_answer", ""))),
-                ),
-            )
-        )
-    return blocks
-
-
 def study_blocks(data: StudyData, plots: Mapping[str, str], top_k: int, level: int) -> list[Block]:
     blocks: list[Block] = []
     note = partial_note(data)
@@ -327,6 +328,7 @@ def comparison_blocks(studies: Sequence[StudyData], plots: Mapping[str, str]) ->
     for d in studies:
         b = d.best
         counts = state_counts(d.trials)
+        key, headline = scores(d)[-1]  # ROUGE-L, or perplexity: Q&A and text side by side
         rows.append(
             (
                 Code(d.name),
@@ -334,17 +336,16 @@ def comparison_blocks(studies: Sequence[StudyData], plots: Mapping[str, str]) ->
                 f"{d.metric} {'max' if d.maximize else 'min'}",
                 fmt_num(b.value),
                 Code(override_line(b.params)),
-                fmt_num(b.metric("base_rougeL")),
-                fmt_num(b.metric("rougeL")),
+                headline,
+                fmt_num(b.metric(f"base_{key}")),
+                fmt_num(b.metric(key)),
                 fmt_duration(compute_spent(d.trials)["total"].wall_s),
             )
         )
     header = ("study", "trials c/p/f/r/w", "objective", "best", "best params")
-    header += ("base ROUGE-L", "best ROUGE-L", "compute")
-    blocks: list[Block] = [
-        Heading(2, "Side by side"),
-        Table(header, tuple(rows), (False, False, False, True, False, True, True, True)),
-    ]
+    header += ("score", "base", "best trial", "compute")
+    aligns = (False, False, False, True, False, False, True, True, True)
+    blocks: list[Block] = [Heading(2, "Side by side"), Table(header, tuple(rows), aligns)]
     if "compare" in plots:
         blocks.append(Image(plots["compare"], "best objective so far per study"))
     return blocks

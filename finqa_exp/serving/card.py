@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from finqa_exp.config import FinqaConfig
+from finqa_exp.corpus import SEED_PROMPT
 from finqa_exp.metrics import ROUGE_KEYS
 from finqa_exp.serving.spec import base_kind
 from finqa_exp.tracking import names
@@ -62,11 +63,12 @@ def _fmt(value: float | None) -> str:
 
 
 def scores_table(metrics: dict[str, float]) -> str:
-    """ROUGE of base and tuned in the seed projects' form, with the gain."""
-    head = "| model | " + " | ".join(k.replace("rouge", "ROUGE-") for k in ROUGE_KEYS) + " |"
-    rows = [head, "|---" * (len(ROUGE_KEYS) + 1) + "|"]
+    """ROUGE of base and tuned in the seed projects' form (a text model: perplexity)."""
+    keys = (names.PERPLEXITY,) if names.PERPLEXITY in metrics else ROUGE_KEYS
+    head = "| model | " + " | ".join(k.replace("rouge", "ROUGE-") for k in keys) + " |"
+    rows = [head, "|---" * (len(keys) + 1) + "|"]
     for label, prefix in (("base", "base_"), ("fine-tuned", "")):
-        cells = [_fmt(metrics.get(prefix + k)) for k in ROUGE_KEYS]
+        cells = [_fmt(metrics.get(prefix + k)) for k in keys]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -98,6 +100,8 @@ def confirmed_line(tags: dict[str, str], metric: str) -> str | None:
 
 def usage(facts: CardFacts) -> str:
     template = facts.conf.data.prompt_template.replace("\n", "\\n")
+    text = facts.conf.data.format == "text"
+    example = SEED_PROMPT if text else "What is EBITDA?"
     if facts.merged:
         load = (
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -119,7 +123,7 @@ def usage(facts: CardFacts) -> str:
         )
     return (
         f"```python\n{load}\n"
-        f'prompt = "{template}".format(question="What is EBITDA?")\n'
+        f'prompt = "{template}".format(question="{example}")\n'
         "ids = tokenizer(prompt, return_tensors='pt')\n"
         f"out = model.generate(**ids, max_new_tokens={facts.conf.eval.max_new_tokens}, "
         "do_sample=False)\n"
@@ -136,10 +140,17 @@ def model_card(facts: CardFacts) -> str:
     if study:
         origin += f", trial {facts.run_tags.get('trial_number', '?')} of the Optuna study `{study}`"
     rev = f" at revision `{facts.base_revision}`" if facts.base_revision else ""
+    text = conf.data.format == "text"
+    task = "financial text (domain adaptation)" if text else "financial question answering"
+    unit = f"training blocks of {conf.data.max_length} tokens" if text else "training pairs"
+    held_out = "held-out documents (perplexity, lower is better)" if text else (
+        "held-out questions (greedy answers)"
+    )  # fmt: skip
     parts = [
         metadata(facts),
-        f"# {conf.model.name} fine-tuned for financial Q&A ({kind})",
-        f"A {kind} for financial question answering, found by "
+        f"# {conf.model.name} fine-tuned for {'financial text' if text else 'financial Q&A'}"
+        f" ({kind})",
+        f"A {kind} for {task}, found by "
         f"[finqa-exp](https://github.com/finqa-exp/finqa-exp): {origin}"
         + (f" ({facts.label})" if facts.label else "")
         + ".",
@@ -147,10 +158,10 @@ def model_card(facts: CardFacts) -> str:
         f"- **Data:** {conf.data.name} ({conf.data.source}"
         + (f": {conf.data.path}" if conf.data.path else "")
         + f"), "
-        f"{int(m.get('train_examples', 0))} training pairs, held-out test split "
+        f"{int(m.get('train_examples', 0))} {unit}, held-out test split "
         f"(data.seed {conf.data.seed})",
         f"- **Prompt:** `{conf.data.prompt_template!r}`",
-        "## Scores on the held-out questions (greedy answers)",
+        f"## Scores on the {held_out}",
         scores_table(m),
     ]
     objective = conf.objective.metrics[0]
