@@ -110,3 +110,57 @@ def test_packing_loses_and_repeats_no_token_and_no_block_crosses_the_split(block
         packed[name] = {t // 100 for b in blocks for t in b if t != eos}
     assert packed["train"] == {int(d.text) for d in train_docs}
     assert not packed["train"] & packed["test"]
+
+
+def test_a_trials_corpus_comes_from_its_data_config(tmp_path, monkeypatch):
+    from finqa_exp.config import DataConfig
+
+    text = {"format": "text", "prompt_template": "{question}", "max_length": 64}
+    bundled = corpus.load_corpus(DataConfig(**text))
+    assert (len(bundled.train), len(bundled.test)) == (55, 6)
+    assert bundled.fingerprint() == corpus.load_corpus(DataConfig(**text)).fingerprint()
+    other_seed = corpus.load_corpus(DataConfig(**text, seed=1))
+    assert other_seed.fingerprint() != bundled.fingerprint()
+    subset = corpus.load_corpus(DataConfig(**text, subset_size=20, test_size=4))
+    assert (len(subset.train), len(subset.test)) == (16, 4)
+
+    rows = [{"body": f"Document {i} on bonds and coupons. " * 4} for i in range(10)]
+    monkeypatch.setattr(corpus, "load_hub_rows", lambda path, split: rows)
+    hub = DataConfig(**text, source="hub", path="owner/news", text_column="body", test_size=2)
+    splits = corpus.load_corpus(hub)
+    assert (len(splits.train), len(splits.test), splits.source) == (8, 2, "owner/news")
+    with pytest.raises(DataError, match=r"^hub dataset owner/news: no text column 'text'"):
+        corpus.load_corpus(DataConfig(**{**text, "source": "hub", "path": "owner/news"}))
+
+
+def test_probes_are_the_seed_prompt_and_held_out_openings():
+    test = docs(
+        "# Bond Prices\n\nWhen rates rise, the price of a fixed-rate bond falls to match.",
+        "Banks lend out most of what they take in as deposits.",
+    )
+    probes = corpus.probe_prompts(test, None, count=3, words=4)
+    assert probes == [
+        (corpus.SEED_PROMPT, ""),
+        ("When rates rise, the", "price of a fixed-rate bond falls to match."),  # no title
+        ("Banks lend out most", "of what they take in as deposits."),
+    ]
+    assert corpus.probe_prompts(test, None, count=2, words=4) == probes[:2]
+    assert corpus.probe_prompts(test, ["Dividends are"], count=3, words=4) == [
+        ("Dividends are", "")
+    ]
+
+
+def test_blocks_have_their_labels_and_every_token_of_the_split():
+    class Tok:  # one id per character; the tokenizer's BOS first, as a text starts
+        eos_token_id, bos = 1, 2
+
+        def __call__(self, text):
+            return {"input_ids": [self.bos, *(ord(c) for c in text)]}
+
+    split = docs("abc", "defgh", "ij")
+    ds = corpus.blocks_dataset(Tok(), split, 4, "test-blocks-key")
+    assert [r["input_ids"] for r in ds] == [[2, 97, 98, 99], [1, 2, 100, 101],
+                                            [102, 103, 104, 1], [2, 105, 106, 1]]  # fmt: skip
+    assert all(r["labels"] == r["input_ids"] for r in ds)
+    assert all(r["attention_mask"] == [1] * len(r["input_ids"]) for r in ds)
+    assert corpus.blocks_dataset(Tok(), [], 4, "test-blocks-key") is ds  # cached by key

@@ -78,7 +78,15 @@ def test_run_logs_probes_base_and_tuned_and_why_rouge_is_missing(text_trial, tmp
         assert f"{row['prompt']} {row['held_out_text']}" in test_text
     assert all(r["base_completion"] and r["tuned_completion"] for r in rows)
     assert [r["tuned_completion"] for r in rows] != [r["base_completion"] for r in rows]
-    assert not {a.path for a in client.list_artifacts(result.run_id)} & {"scores.json"}
+    # Every held-out block's tokens and NLL: the perplexities recomputed from them.
+    path = client.download_artifacts(result.run_id, "scores.json", str(tmp_path))
+    table = json.loads(Path(path).read_text())
+    blocks = [dict(zip(table["columns"], r)) for r in table["data"]]
+    tokens = sum(b["tokens"] for b in blocks)
+    assert tokens == run.data.metrics["perplexity_tokens"]
+    for side, metric in (("tuned", "perplexity"), ("base", "base_perplexity")):
+        ppl = math.exp(sum(b[f"{side}_nll"] for b in blocks) / tokens)
+        assert ppl == pytest.approx(run.data.metrics[metric], rel=1e-9), side
 
 
 def test_logged_adapter_reproduces_the_logged_perplexity_and_completions(text_trial, monkeypatch):

@@ -102,8 +102,10 @@ class StudyData:
     curves: dict[int, tuple[list[tuple[int, float]], list[tuple[int, float]]]]
     samples: list[dict[str, Any]]
     champion: Champion | None = None
-    # trial number -> the objective per test question (scores.json), for the top trials
+    # trial number -> the objective per test question (scores.json), for the top trials;
+    # for a perplexity, each held-out block's summed NLL, with its tokens in block_tokens
     question_scores: dict[int, list[float | None]] = field(default_factory=dict)
+    block_tokens: list[int] | None = None
     # The confirmed configurations, best mean first ([] if the study was not confirmed).
     confirmed: list[ConfirmedRow] = field(default_factory=list)
     # A multi-objective study's objectives (metric first), which way each is better, and
@@ -122,6 +124,11 @@ class StudyData:
     @property
     def best(self) -> TrialRow:
         return self.ranked[0]
+
+    @property
+    def unit(self) -> str:
+        """What the objective is paired over: test questions, or held-out text blocks."""
+        return "held-out block" if self.block_tokens is not None else "test question"
 
     @property
     def finished(self) -> int:
@@ -335,6 +342,8 @@ def load_study_data(
         scores = question_scores(store, t.run.run_id, data.metric)
         if scores is not None:
             data.question_scores[t.number] = scores
+            if data.metric == names.PERPLEXITY:
+                data.block_tokens = block_tokens(store, t.run.run_id)
     if best.run is not None:
         data.samples = store.table(best.run.run_id, names.SAMPLES_ARTIFACT)[:num_examples]
     data.confirmed = confirmed_rows(study, store, data)
@@ -345,8 +354,13 @@ def question_scores(store: RunStore, run_id: str, metric: str) -> list[float | N
     """The run's objective per test question, from its scores.json (None if it has none,
     or the objective is not scored per question, like eval_loss)."""
     rows = store.table(run_id, names.SCORES_ARTIFACT)
-    column = f"tuned_{metric}"
+    column = "tuned_nll" if metric == names.PERPLEXITY else f"tuned_{metric}"
     return [_score(r[column]) for r in rows] if rows and column in rows[0] else None
+
+
+def block_tokens(store: RunStore, run_id: str) -> list[int]:
+    """A text run's tokens per held-out block (its scores.json)."""
+    return [int(r["tokens"]) for r in store.table(run_id, names.SCORES_ARTIFACT)]
 
 
 def confirmed_rows(study: Any, store: RunStore, data: StudyData) -> list[ConfirmedRow]:

@@ -296,18 +296,29 @@ def gaps_to_best(data: StudyData) -> dict[int, Gap]:
     for number, scores in data.question_scores.items():
         if number == data.best.number or len(scores) != len(best):
             continue
-        lead, other = (best, scores) if data.maximize else (scores, best)
-        diffs = stats.paired(lead, other)
-        if diffs.size:
-            low, high = stats.bootstrap_interval(diffs)
-            gaps[number] = Gap(float(diffs.mean()), low, high)
+        gap = _lead(best, scores, data.maximize, data.block_tokens)
+        if gap is not None:
+            gaps[number] = gap
     return gaps
 
 
 def _lead(
-    best: Sequence[float | None], other: Sequence[float | None], maximize: bool
+    best: Sequence[float | None],
+    other: Sequence[float | None],
+    maximize: bool,
+    tokens: Sequence[int] | None = None,
 ) -> Gap | None:
+    """The best's lead: the mean of its per-question differences, or with ``tokens`` (the
+    scores are blocks' summed NLL) the difference of the two perplexities; each with its
+    paired bootstrap interval."""
     lead, behind = (best, other) if maximize else (other, best)
+    if tokens is not None:
+        if len(tokens) != len(best) or any(v is None for v in (*best, *other)):
+            return None
+        a, b = [float(v) for v in lead], [float(v) for v in behind]  # type: ignore[arg-type]
+        mean = math.exp(sum(a) / sum(tokens)) - math.exp(sum(b) / sum(tokens))
+        low, high = stats.perplexity_interval(a, tokens, b)
+        return Gap(mean, low, high)
     diffs = stats.paired(lead, behind)
     if not diffs.size:
         return None
@@ -325,7 +336,7 @@ def confirmed_gaps(data: StudyData) -> dict[int, Gap]:
     gaps = {}
     for row in rows[1:]:
         if row.question_means is not None and len(row.question_means) == len(best):
-            gap = _lead(best, row.question_means, data.maximize)
+            gap = _lead(best, row.question_means, data.maximize, data.block_tokens)
             if gap is not None:
                 gaps[row.trial.number] = gap
     return gaps

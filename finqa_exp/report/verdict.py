@@ -36,12 +36,14 @@ def _cheapest(trials: Sequence[TrialRow]) -> TrialRow:
     return min(trials, key=lambda t: (t.metric("train_time_s") or math.inf, t.number))
 
 
-def _tie_sentence(best: int, tied: Sequence[TrialRow], group: Sequence[TrialRow], n: int) -> str:
+def _tie_sentence(
+    best: int, tied: Sequence[TrialRow], group: Sequence[TrialRow], paired: str
+) -> str:
     cheapest = _cheapest(group)
     listed = ", ".join(str(t.number) for t in tied)
     return (
         f"Is the winner real? Not yet: trial {best}'s lead over {plural(len(tied), 'trial')} "
-        f"({listed}) has a 95 % interval that includes 0 on these {n} test questions, so "
+        f"({listed}) has a 95 % interval that includes 0 on these {paired}, so "
         f"they are indistinguishable at this budget; the cheapest of them to train is trial "
         f"{cheapest.number} ({fmt_duration(cheapest.metric('train_time_s'))})."
     )
@@ -53,15 +55,15 @@ def verdict_blocks(data: StudyData, gaps: Mapping[int, Gap], top_k: int) -> list
     others = [t for t in data.ranked[1:top_k] if t.number in gaps]
     if not others or data.confirmed:
         return []
-    n = len(data.question_scores[data.best.number])
+    paired = plural(len(data.question_scores[data.best.number]), data.unit)
     best = data.best.number
     tied = [t for t in others if not gaps[t.number].clear]
     if tied:
-        text = _tie_sentence(best, tied, [data.best, *tied], n)
+        text = _tie_sentence(best, tied, [data.best, *tied], paired)
     else:
         runner, g = others[0], gaps[others[0].number]
         text = (
-            f"Is the winner real? On these {n} test questions, trial {best} beats the runner-up, "
+            f"Is the winner real? On these {paired}, trial {best} beats the runner-up, "
             f"trial {runner.number}, by {g.mean:.4f} (95 % interval {g.low:.4f} to {g.high:.4f})."
         )
     return [Para(f"{text} {SEED_NOTE}")]
@@ -133,17 +135,19 @@ def _noise_and_verdict(data: StudyData, gaps: Mapping[int, Gap]) -> list[str]:
         )
     others = [r for r in rows[1:] if r.trial.number in gaps]
     if others:
-        n = len(best.question_means or ())
+        paired = plural(len(best.question_means or ()), data.unit)
         tied = [r.trial for r in others if not gaps[r.trial.number].clear]
         if tied:
-            text = _tie_sentence(best.trial.number, tied, [best.trial, *tied], n)
-            out.append(text.replace("test questions", "test questions, averaged over seeds"))
+            group = [best.trial, *tied]
+            out.append(
+                _tie_sentence(best.trial.number, tied, group, f"{paired}, averaged over seeds")
+            )
         else:
             runner, g = others[0], gaps[others[0].trial.number]
             out.append(
                 f"Trial {best.trial.number} beats trial {runner.trial.number} by {g.mean:.4f} "
                 f"(95 % interval {g.low:.4f} to {g.high:.4f}; {len(best.values)} seeds each, "
-                f"paired over {n} test questions)."
+                f"paired over {paired})."
             )
     return out
 
@@ -160,7 +164,7 @@ def _expected_best_blocks(data: StudyData) -> list[Block]:
     return [
         Para(
             f"Expected best {data.metric} for a study of n trials (Dodge et al. 2019, drawn from "
-            f"this study's {len(values)} complete trials): if it still rises at n = "
+            f"this study's {len(values)} complete trials): if it still improves at n = "
             f"{len(values)}, more trials would likely help."
         ),
         Table(("trials", "expected best", "sd"), tuple(rows), (True, True, True)),

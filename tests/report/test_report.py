@@ -621,6 +621,18 @@ def test_planned_examples_and_busy_time():
     assert busy_seconds([(0, 10), (5, 12), (20, 21)]) == 13
 
 
+def test_a_perplexity_lead_is_the_difference_of_perplexities_over_the_same_blocks():
+    from finqa_exp.report.numbers import _lead
+
+    tokens = [255, 255, 100]
+    best, other = [900.0, 950.0, 400.0], [1000.0, 1000.0, 420.0]  # summed NLL per block
+    gap = _lead(best, other, maximize=False, tokens=tokens)
+    ppl = lambda nll: math.exp(sum(nll) / sum(tokens))  # noqa: E731
+    assert gap.mean == pytest.approx(ppl(other) - ppl(best)) and gap.mean > 0
+    assert (gap.low, gap.high) == stats.perplexity_interval(other, tokens, best)
+    assert _lead(best, other, maximize=False, tokens=tokens[:2]) is None  # other blocks
+
+
 # ----------------------------------------------------------------------------- real sweep
 
 SWEEP = [

@@ -3,13 +3,16 @@ shows perplexity and the completions before and after, beside a Q&A study."""
 
 from __future__ import annotations
 
+import math
+
 import optuna
 import pytest
 
-from finqa_exp import tracking
+from finqa_exp import stats, tracking
 from finqa_exp.corpus import SEED_PROMPT
 from finqa_exp.report import build as report
 from finqa_exp.report.render import md_escape
+from finqa_exp.sweep.confirm import confirmed
 from tests.report.test_report import (
     TRIALS,
     command,
@@ -32,14 +35,30 @@ SWEEP = [
     "hydra.sweeper.n_trials=3",
     "hydra.sweeper.params={train.learning_rate: 'tag(log, interval(1e-4, 3e-3))',"
     " lora.r: 'choice(4, 16)'}",
-    # Trial 0 learns fast; trial 1 barely moves and is pruned at its first eval check.
+    # Trials 0 and 1 learn (and are the pruner's startup trials); trial 2 barely moves and
+    # is pruned at its first check, worse than their median.
     "hydra.sweeper.enqueue_trials=[{train.learning_rate: 3e-3, lora.r: 16},"
-    " {train.learning_rate: 1e-5, lora.r: 4}]",
+    " {train.learning_rate: 1.5e-3, lora.r: 4}, {train.learning_rate: 1e-5, lora.r: 4}]",
     "hydra/sweeper/pruner=median",
-    "hydra.sweeper.pruner.n_startup_trials=1",
-    "hydra.sweeper.confirm.top_k=1",
+    "hydra.sweeper.pruner.n_startup_trials=2",
+    "hydra.sweeper.confirm.top_k=2",
     "hydra.sweeper.confirm.seeds=[1]",
 ]
+
+
+def perplexity_lead(store, best_runs, other_runs) -> str:
+    """The best's lead as the report must give it: the difference of the perplexities of
+    each side's per-block NLL (averaged over its runs), with the bootstrap over blocks."""
+
+    def nll(run_ids):
+        tables = [store.table(r, "scores.json") for r in run_ids]
+        return [sum(t[i]["tuned_nll"] for t in tables) / len(tables) for i in range(len(tables[0]))]
+
+    tokens = [r["tokens"] for r in store.table(best_runs[0], "scores.json")]
+    best, other = nll(best_runs), nll(other_runs)
+    lead = math.exp(sum(other) / sum(tokens)) - math.exp(sum(best) / sum(tokens))
+    low, high = stats.perplexity_interval(other, tokens, best)
+    return f"{lead:.4f} ({low:.4f} to {high:.4f})"
 
 
 def cell(text: str) -> str:
@@ -55,7 +74,7 @@ def test_text_sweep_prunes_and_reports_perplexity_and_completions(tmp_path, cach
     study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{tmp_path}/studies/{NAME}.db")
     assert study.direction.name == "MINIMIZE"
     states = [t.state.name for t in study.trials]
-    assert states[:2] == ["COMPLETE", "PRUNED"] and "FAIL" not in states
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
     best = study.best_trial
     store = tracking.RunStore(f"sqlite:///{tmp_path}/mlflow.db")
     run = store.run(best.user_attrs["mlflow_run_id"])
@@ -81,6 +100,23 @@ def test_text_sweep_prunes_and_reports_perplexity_and_completions(tmp_path, cach
         f"{low:.4f} to {high:.4f}",
     ]
     assert "ROUGE-" not in md  # no ROUGE column: text is scored by perplexity
+    # Is the winner real? Leads paired over the held-out blocks, single runs and over seeds.
+    runner = next(t for t in study.trials if t.state.name == "COMPLETE" and t != best)
+    single = perplexity_lead(
+        store, [best.user_attrs["mlflow_run_id"]], [runner.user_attrs["mlflow_run_id"]]
+    )
+    assert records(md, "rank")[1]["best's lead, 95 % interval"] == single
+    top = confirmed(study)
+    seeds = [[c.trial.user_attrs["mlflow_run_id"]] + [
+        t.user_attrs["mlflow_run_id"] for t in c.confirmations] for c in top]  # fmt: skip
+    section = md.split("## Is the winner real? The top")[1]
+    assert records(section, "rank")[1]["best's lead, 95 % interval"] == perplexity_lead(
+        store, seeds[0], seeds[1]
+    )
+    blocks = len(store.table(run.run_id, "scores.json"))
+    assert f"2 seeds each, paired over {blocks} held-out blocks" in md or (
+        f"on these {blocks} held-out blocks, averaged over seeds" in md
+    )
     assert f"## Completions before and after fine-tuning (best trial {best.number})" in md
     samples = store.table(run.run_id, "samples.json")
     assert samples[0]["prompt"] == SEED_PROMPT and len(samples) == 3
