@@ -64,7 +64,7 @@ def header(winner: ask.Winner, metrics: dict[str, float]) -> str:
     if study:
         lines.append(f"Study **{study}**, trial {tags.get(names.TRIAL_NUMBER_TAG, '?')}.")
     scores = []
-    for key in ("rouge1", "rouge2", "rougeL", "numeric_accuracy"):
+    for key in ("rouge1", "rouge2", "rougeL", "numeric_accuracy", names.PERPLEXITY):
         if key in metrics:
             base = metrics.get(f"base_{key}")
             was = f" (base {base:.4f})" if base is not None else ""
@@ -81,13 +81,14 @@ def header(winner: ask.Winner, metrics: dict[str, float]) -> str:
     return "\n\n".join(lines)
 
 
-def build(chat: ChatModel, title: str, examples: list[str]) -> Any:
-    """The Gradio page: a question box, the two answers side by side, examples."""
+def build(chat: ChatModel, title: str, examples: list[str], label: str = "Question") -> Any:
+    """The Gradio page: a question box (a text model's: a prompt to complete), the two
+    answers side by side, examples."""
     import gradio as gr
 
     with gr.Blocks(title="finqa-exp chat") as demo:
         gr.Markdown(title)
-        question = gr.Textbox(label="Question", elem_id="question", lines=2)
+        question = gr.Textbox(label=label, elem_id="question", lines=2)
         button = gr.Button("Ask", variant="primary", elem_id="ask")
         with gr.Row():
             tuned = gr.Textbox(label="Fine-tuned (champion)", elem_id="tuned", lines=6)
@@ -134,7 +135,9 @@ def run(argv: Sequence[str]) -> int:
             tuned = answerer.load(winner.artifacts, ask.asked_settings(winner, conf))
             record = store.run(winner.run_id)
             title = header(winner, record.metrics if record else {})
-            demo = build(ChatModel(tuned), title, example_questions(store, winner.run_id))
+            label = "Prompt to complete" if winner.conf.data.format == "text" else "Question"
+            examples = example_questions(store, winner.run_id)
+            demo = build(ChatModel(tuned), title, examples, label)
             try:
                 demo.launch(server_name=args.host, server_port=args.port, show_error=True)
             except OSError as err:  # the port is taken, or the address is not this machine's
