@@ -31,6 +31,7 @@ from finqa_exp.config import DataConfig
 from finqa_exp.data import DataError, load_hub_rows, read_table
 
 TEXT_SUFFIXES = (".txt", ".md")
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # one document per row
 # The Llama-2 project's own example prompt: its completions showed the adaptation.
 SEED_PROMPT = "The investment tests performed indicate"
 
@@ -91,9 +92,9 @@ def _from_rows(rows: list[dict[str, Any]], column: str, source: str) -> list[Doc
 
 
 def read_documents(path: str | Path, text_column: str = "text") -> list[Document]:
-    """The documents of a folder (each .txt/.md file one document, in name order), a
-    .jsonl file (each line's ``text_column``), or a single .txt/.md file (each paragraph,
-    separated by a blank line, one document)."""
+    """The documents of a folder (each .txt/.md file one document, in name order), a table
+    (each row's ``text_column`` of a .jsonl, .json, .csv or .parquet file), or a single
+    .txt/.md file (each paragraph, separated by a blank line, one document)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES)
@@ -102,12 +103,12 @@ def read_documents(path: str | Path, text_column: str = "text") -> list[Document
         return [Document(str(p.relative_to(path)), _read_text(p)) for p in files]
     if not path.is_file():
         raise DataError(f"data.path: file not found: {path}")
-    if path.suffix.lower() == ".jsonl":
+    if path.suffix.lower() in TABLE_SUFFIXES:
         return _from_rows(read_table(path), text_column, str(path))
     if path.suffix.lower() not in TEXT_SUFFIXES:
         raise DataError(
             f"data.path: unsupported file type '{path.suffix}' ({path}) for text data; "
-            f"use a folder, .txt, .md or .jsonl"
+            f"use a folder, .txt, .md, or a table ({', '.join(TABLE_SUFFIXES)})"
         )
     paragraphs = _read_text(path).split("\n\n")
     return [Document(f"{path.name}:{i + 1}", p) for i, p in enumerate(paragraphs)]
@@ -197,20 +198,46 @@ def load_corpus(cfg: DataConfig) -> TextSplits:
 _BLOCKS: dict[str, Any] = {}
 
 
+def document_tokens(tokenizer: Any, docs: list[Document]) -> list[list[int]]:
+    """Each document's token ids as the tokenizer starts a text (Llama: with BOS), as a
+    prompt is at generation; :func:`pack` ends each with EOS."""
+    return [tokenizer(d.text)["input_ids"] for d in docs]
+
+
+def scored_ids(tokenizer: Any) -> set[int]:
+    """Token ids a packed block's loss and perplexity leave out: the BOS that opens each
+    document is a format marker, always predictable after the EOS before it, not text."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return {bos} if bos is not None and bos != eos else set()
+
+
 def blocks_dataset(tokenizer: Any, docs: list[Document], block_size: int, key: str) -> Any:
     """A datasets.Dataset of one split's packed blocks, labels = input_ids (the loss covers
-    every token); built once per ``key`` in this process, like data.tokenize."""
+    every token but BOS markers); built once per ``key`` in this process, like
+    data.tokenize."""
     if key in _BLOCKS:
         return _BLOCKS[key]
     import datasets
 
-    # Each document as the tokenizer starts a text (Llama: with BOS), as a prompt is at
-    # generation, and ended with EOS.
-    ids = [tokenizer(d.text)["input_ids"] for d in docs]
-    blocks = pack(ids, block_size, tokenizer.eos_token_id)
-    rows = [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks]
+    blocks = pack(document_tokens(tokenizer, docs), block_size, tokenizer.eos_token_id)
+    skip = scored_ids(tokenizer)
+    rows = [
+        {
+            "input_ids": b,
+            "attention_mask": [1] * len(b),
+            "labels": [data.IGNORE_INDEX if t in skip else t for t in b],
+        }
+        for b in blocks
+    ]
     _BLOCKS[key] = ds = datasets.Dataset.from_list(rows)
     return ds
+
+
+def block_documents(lengths: list[int], block_size: int) -> list[list[int]]:
+    """For blocks packed (:func:`pack`) from documents of ``lengths`` tokens each, EOS
+    included: the index of the document every position of every block belongs to."""
+    stream = [i for i, n in enumerate(lengths) for _ in range(n)]
+    return [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
 
 
 def probe_prompts(

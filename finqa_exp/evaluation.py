@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -252,7 +254,7 @@ def load_cached(cache_dir: str | Path, key: str) -> Answers | None:
 def save_cached(cache_dir: str | Path, key: str, answers: Answers) -> None:
     path = Path(cache_dir) / "base_scores" / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{id(answers)}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(asdict(answers), indent=1))
     tmp.replace(path)  # atomic: parallel workers read whole files only
 
@@ -278,5 +280,4 @@ def base_answers(
         with timed():
             answers = evaluator.answer(base.model, base.tokenizer, test)
         save_cached(conf.paths.cache_dir, key, answers)
-    log.info("base scores: %s", format_scores(answers.scores))
     return answers

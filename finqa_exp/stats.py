@@ -1,5 +1,5 @@
 """Statistics for "is the difference real?": paired bootstrap intervals over test questions
-(or, for a perplexity, over held-out blocks).
+(or, for a perplexity, over held-out documents).
 
     low, high = paired_bootstrap([0.2, 0.4, 0.1], [0.1, 0.3, 0.1])   # mean of a - b, 95 %
 
@@ -62,8 +62,8 @@ def perplexity_interval(
     seed: int = SEED,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of a perplexity, ``exp(sum nll / sum tokens)`` over
-    held-out blocks (per block: summed negative log-likelihood and tokens), or of its
-    difference from ``base_nll``'s on the same blocks, resampled by block."""
+    held-out documents (per document: summed negative log-likelihood and tokens), or of
+    its difference from ``base_nll``'s on the same documents, resampled by document."""
     a, n = np.asarray(nll, dtype=float), np.asarray(tokens, dtype=float)
     if a.size == 0:
         return float("nan"), float("nan")

@@ -2,7 +2,8 @@
 for the base and the tuned model (``data.format=text``; finqa_exp/corpus.py).
 
 Perplexity is exp of the mean next-token negative log-likelihood over the held-out
-split's packed blocks, with a bootstrap interval over blocks. Probes are greedy
+split's packed blocks (BOS markers aside), with a bootstrap interval over the held-out
+documents. Probes are greedy
 completions of prompts (by default the opening words of held-out documents and the
 Llama-2 project's own example), shown base beside tuned, as that project showed them.
 ROUGE and ``eval.metrics`` need reference answers, which text has not: they are skipped,
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -32,23 +35,21 @@ from finqa_exp.tracking import names
 log = logging.getLogger(__name__)
 
 SCORE = names.PERPLEXITY
-CACHE_FORMAT = 1  # of the cached base scores
+CACHE_FORMAT = 2  # of the cached base scores: 2 sums by document, without BOS markers
+NLL_BATCH = 4  # blocks scored at a time
 
 
 @torch.no_grad()
-def block_nll(
-    model: Any, blocks: list[list[int]], batch_size: int = 8
-) -> tuple[list[float], list[int]]:
-    """Per block: the summed negative log-likelihood of every token that has one before it
-    in its block, and how many such tokens there are. Blocks of unequal length are padded
-    per batch and the padding is left out, so the batch size does not change the result."""
+def token_nll(model: Any, blocks: list[list[int]], batch_size: int = 4) -> list[list[float]]:
+    """Per block, the negative log-likelihood of each token that has one before it in its
+    block (positions 1 to the end). Blocks of unequal length are padded per batch and the
+    padding is left out, so the batch size does not change the result."""
     import torch.nn.functional as F
 
     was_training = model.training
     model.eval()  # no dropout in a score
     device = next(model.parameters()).device
-    nll: list[float] = []
-    counts: list[int] = []
+    out: list[list[float]] = []
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size]
         width = max(len(b) for b in batch)
@@ -59,32 +60,50 @@ def block_nll(
             mask[row, : len(block)] = 1
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        token_nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        keep = mask[:, 1:].bool()
-        nll += (token_nll * keep).sum(dim=1).tolist()
-        counts += keep.sum(dim=1).tolist()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").cpu()
+        out += [nll[row, : len(block) - 1].tolist() for row, block in enumerate(batch)]
     if was_training:
         model.train()
-    return nll, counts
+    return out
 
 
-def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
+def grouped_nll(
+    blocks: list[list[int]],
+    nll: list[list[float]],
+    groups: list[list[int]],
+    n_groups: int,
+    skip: set[int] = frozenset(),  # type: ignore[assignment]
+) -> tuple[list[float], list[int]]:
+    """Summed NLL and scored tokens per group (a held-out document): each scored token
+    counts for the group of its position (``groups``, as corpus.block_documents gives);
+    tokens in ``skip`` (corpus.scored_ids) are left out."""
+    sums, counts = [0.0] * n_groups, [0] * n_groups
+    for block, values, owners in zip(blocks, nll, groups):
+        for t in range(1, len(block)):
+            if block[t] not in skip:
+                sums[owners[t]] += values[t - 1]
+                counts[owners[t]] += 1
+    return sums, counts
+
+
+def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 4) -> tuple[float, int]:
     """Held-out perplexity of packed token ``blocks`` and the number of tokens it was
     computed on: exp of the mean negative log-likelihood of every token that has one
     before it in its block."""
-    nll, counts = block_nll(model, blocks, batch_size)
-    if sum(counts) == 0:
+    values = [v for block in token_nll(model, blocks, batch_size) for v in block]
+    if not values:
         raise ValueError("perplexity needs a block of at least 2 tokens")
-    return math.exp(sum(nll) / sum(counts)), sum(counts)
+    return math.exp(sum(values) / len(values)), len(values)
 
 
 @dataclass
 class TextScores:
-    """A model's perplexity on the held-out blocks (per block too) and its completions."""
+    """A model's perplexity on the held-out documents (per document too) and its
+    completions."""
 
     scores: dict[str, float]  # {"perplexity": ...}, as Answers.scores
-    nll: list[float]
-    tokens: list[int]
+    nll: list[float]  # per held-out document: summed over its scored tokens
+    tokens: list[int]  # per held-out document: its scored tokens
     completions: list[str]
 
 
@@ -94,20 +113,32 @@ class TextEvaluator:
 
     ev: EvalConfig
     probes: list[tuple[str, str]]  # (prompt, what the held-out document says next)
+    test: list[corpus.Document]
+    block_size: int
     # What the run records for not computing ROUGE and eval.metrics.
     skipped = "rouge and eval.metrics: text data has no reference answers"
 
     @classmethod
     def from_config(cls, conf: FinqaConfig, splits: corpus.TextSplits) -> TextEvaluator:
         ev = conf.eval
-        return cls(ev, corpus.probe_prompts(splits.test, ev.probes, ev.num_samples, ev.probe_words))
+        probes = corpus.probe_prompts(splits.test, ev.probes, ev.num_samples, ev.probe_words)
+        return cls(ev, probes, splits.test, conf.data.max_length)
 
     def score_names(self) -> set[str]:
         return {SCORE}
 
     def score_tuned(self, model: Any, base: Base) -> TextScores:
-        """Perplexity of ``model`` on the base's held-out blocks, and its completions."""
-        nll, tokens = block_nll(model, list(base.eval_ds["input_ids"]), self.ev.batch_size)
+        """Perplexity of ``model`` on the base's held-out blocks, summed by document (the
+        unit its intervals resample: blocks of one document are not independent), and
+        its completions of the probes."""
+        blocks = list(base.eval_ds["input_ids"])
+        lengths = [len(ids) + 1 for ids in corpus.document_tokens(base.tokenizer, self.test)]
+        groups = corpus.block_documents(lengths, self.block_size)
+        assert [len(g) for g in groups] == [len(b) for b in blocks], "blocks out of step"
+        # A few blocks at a time: full-vocabulary logits of a 7B model take GBs at 16.
+        per_token = token_nll(model, blocks, NLL_BATCH)
+        skip = corpus.scored_ids(base.tokenizer)
+        nll, tokens = grouped_nll(blocks, per_token, groups, len(lengths), skip)
         completions = generate_answers(
             model, base.tokenizer, "{question}", [p for p, _ in self.probes],
             self.ev.max_new_tokens, self.ev.batch_size,
@@ -122,7 +153,7 @@ class TextEvaluator:
         quantization, corpus, block size and probes, then read from the cache."""
         key = cache_key(
             CACHE_FORMAT, base.source, conf.model.revision, asdict(conf.quant), base.data_key,
-            self.probes, self.ev.max_new_tokens, str(base.device.type),
+            self.probes, self.ev.max_new_tokens, self.ev.batch_size, str(base.device.type),
         )  # fmt: skip
         path = Path(conf.paths.cache_dir) / "base_perplexity" / f"{key}.json"
         if path.is_file():
@@ -131,13 +162,14 @@ class TextEvaluator:
         with timed():
             scores = self.score_tuned(base.model, base)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{id(scores)}.tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(asdict(scores)))
         tmp.replace(path)  # atomic: parallel workers read whole files only
         return scores
 
     def metrics(self, before: TextScores, after: TextScores) -> dict[str, float]:
-        """Perplexity of both models, its change, and their bootstrap intervals over blocks."""
+        """Perplexity of both models, its change, and their bootstrap intervals over the
+        held-out documents."""
         ev = self.ev
         low, high = stats.perplexity_interval(
             after.nll, after.tokens, None, ev.bootstrap_resamples, ev.ci_level
@@ -165,11 +197,11 @@ class TextEvaluator:
         ]
 
     def tables(self, before: TextScores, after: TextScores) -> dict[str, list[dict[str, Any]]]:
-        """Every held-out block's tokens and summed NLL for base and tuned (scores.json):
-        the perplexities, their intervals, and the report's leads between trials are
-        recomputed from them."""
+        """Every held-out document's scored tokens and summed NLL for base and tuned
+        (scores.json): the perplexities, their intervals, and the report's leads between
+        trials are recomputed from them."""
         rows = [
-            {"block": i, "tokens": n, "base_nll": b, "tuned_nll": t}
-            for i, (n, b, t) in enumerate(zip(after.tokens, before.nll, after.nll))
+            {"document": d.name, "tokens": n, "base_nll": b, "tuned_nll": t}
+            for d, n, b, t in zip(self.test, after.tokens, before.nll, after.nll)
         ]
         return {names.SCORES_ARTIFACT: rows}

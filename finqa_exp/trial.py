@@ -320,7 +320,8 @@ def log_served_model(
     settings = spec.settings_for(conf, revision, tracker.run_id)
     # A test question and its tuned answer, or for text a probe and its tuned completion.
     first = samples[0] if samples else {}
-    question = first.get("question", first.get("prompt", spec.EXAMPLE_QUESTION))
+    example = corpus.SEED_PROMPT if conf.data.format == "text" else spec.EXAMPLE_QUESTION
+    question = first.get("question", first.get("prompt", example))
     answer = first.get("tuned_answer", first.get("tuned_completion", ""))
     return tracker.log_model(
         name, serving.MODEL_CODE, spec.artifacts_for(adapter_dir, base.source, settings),

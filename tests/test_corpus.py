@@ -152,15 +152,32 @@ def test_probes_are_the_seed_prompt_and_held_out_openings():
 
 def test_blocks_have_their_labels_and_every_token_of_the_split():
     class Tok:  # one id per character; the tokenizer's BOS first, as a text starts
-        eos_token_id, bos = 1, 2
+        eos_token_id, bos_token_id = 1, 2
 
         def __call__(self, text):
-            return {"input_ids": [self.bos, *(ord(c) for c in text)]}
+            return {"input_ids": [self.bos_token_id, *(ord(c) for c in text)]}
 
     split = docs("abc", "defgh", "ij")
     ds = corpus.blocks_dataset(Tok(), split, 4, "test-blocks-key")
     assert [r["input_ids"] for r in ds] == [[2, 97, 98, 99], [1, 2, 100, 101],
                                             [102, 103, 104, 1], [2, 105, 106, 1]]  # fmt: skip
-    assert all(r["labels"] == r["input_ids"] for r in ds)
+    # The loss covers every token but the BOS markers (id 2) that open documents.
+    assert [r["labels"] for r in ds] == [[-100, 97, 98, 99], [1, -100, 100, 101],
+                                         [102, 103, 104, 1], [-100, 105, 106, 1]]  # fmt: skip
     assert all(r["attention_mask"] == [1] * len(r["input_ids"]) for r in ds)
     assert corpus.blocks_dataset(Tok(), [], 4, "test-blocks-key") is ds  # cached by key
+
+
+def test_every_position_of_a_block_knows_its_document():
+    lengths = [3, 5, 2]  # tokens per document, EOS included
+    owners = corpus.block_documents(lengths, 4)
+    assert owners == [[0, 0, 0, 1], [1, 1, 1, 1], [2, 2]]
+    stream = [[7] * (n - 1) for n in lengths]
+    assert [len(b) for b in corpus.pack(stream, 4, 1)] == [len(o) for o in owners]
+
+
+def test_a_table_of_documents_in_any_format(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_text("title,body\nBonds,Bonds pay coupons.\nStocks,Stocks pay dividends.\n")
+    found = corpus.read_documents(path, "body")
+    assert [d.text for d in found] == ["Bonds pay coupons.", "Stocks pay dividends."]

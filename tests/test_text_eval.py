@@ -32,9 +32,9 @@ def test_perplexity_is_the_hand_computed_mean_token_nll(tiny_model):  # noqa: F8
         ppl, count = text_eval.perplexity(model, blocks, batch_size)
         assert count == n
         assert ppl == pytest.approx(by_hand, rel=1e-5)
-        nll, counts = text_eval.block_nll(model, blocks, batch_size)
-        assert counts == [len(b) - 1 for b in blocks]
-        assert nll == pytest.approx(per_block, rel=1e-5)
+        per_token = text_eval.token_nll(model, blocks, batch_size)
+        assert [len(v) for v in per_token] == [len(b) - 1 for b in blocks]
+        assert [sum(v) for v in per_token] == pytest.approx(per_block, rel=1e-5)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         text_eval.perplexity(model, [[5]])
 
@@ -64,3 +64,16 @@ def test_perplexity_interval_resamples_blocks():
     # The same scores on both sides: no change, whatever the resample.
     assert stats.perplexity_interval(base, tokens, base) == (0.0, 0.0)
     assert all(math.isnan(x) for x in stats.perplexity_interval([], []))
+
+
+def test_nll_is_summed_by_the_document_each_token_belongs_to_without_bos_markers():
+    # Two blocks of 4 packed from documents of 3, 2 and 3 tokens (EOS included): positions
+    # belong to documents 0 0 0 1 | 1 2 2 2; BOS (id 2) opens documents 1 and 2.
+    blocks = [[2, 10, 1, 2], [1, 2, 11, 1]]
+    groups = [[0, 0, 0, 1], [1, 2, 2, 2]]
+    nll = [[0.5, 0.25, 9.0], [9.0, 0.75, 0.125]]  # per position 1.. of each block
+    sums, counts = text_eval.grouped_nll(blocks, nll, groups, 3, skip={2})
+    # Block 0: 10 (doc 0) 0.5, EOS (doc 0) 0.25, BOS skipped; block 1: BOS skipped,
+    # 11 (doc 2) 0.75, EOS (doc 2) 0.125; a block's first token has nothing before it.
+    assert (sums, counts) == ([0.75, 0.0, 0.875], [2, 0, 2])
+    assert text_eval.grouped_nll(blocks, nll, groups, 3)[1] == [2, 1, 3]

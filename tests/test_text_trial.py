@@ -78,14 +78,15 @@ def test_run_logs_probes_base_and_tuned_and_why_rouge_is_missing(text_trial, tmp
         assert f"{row['prompt']} {row['held_out_text']}" in test_text
     assert all(r["base_completion"] and r["tuned_completion"] for r in rows)
     assert [r["tuned_completion"] for r in rows] != [r["base_completion"] for r in rows]
-    # Every held-out block's tokens and NLL: the perplexities recomputed from them.
+    # Every held-out document's tokens and NLL: the perplexities recomputed from them.
     path = client.download_artifacts(result.run_id, "scores.json", str(tmp_path))
     table = json.loads(Path(path).read_text())
-    blocks = [dict(zip(table["columns"], r)) for r in table["data"]]
-    tokens = sum(b["tokens"] for b in blocks)
+    docs = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert [d["document"] for d in docs] == [d.name for d in corpus.load_corpus(conf.data).test]
+    tokens = sum(d["tokens"] for d in docs)
     assert tokens == run.data.metrics["perplexity_tokens"]
     for side, metric in (("tuned", "perplexity"), ("base", "base_perplexity")):
-        ppl = math.exp(sum(b[f"{side}_nll"] for b in blocks) / tokens)
+        ppl = math.exp(sum(d[f"{side}_nll"] for d in docs) / tokens)
         assert ppl == pytest.approx(run.data.metrics[metric], rel=1e-9), side
 
 
@@ -113,6 +114,13 @@ def test_logged_adapter_reproduces_the_logged_perplexity_and_completions(text_tr
     tokenizer = modeling.load_tokenizer(result.adapter_dir, conf.model)
     test = [tokenizer(d.text)["input_ids"] for d in splits.test]
     blocks = corpus.pack(test, conf.data.max_length, tokenizer.eos_token_id)
-    ppl, tokens = text_eval.perplexity(tuned, blocks, conf.eval.batch_size)
-    assert tokens == run.data.metrics["perplexity_tokens"]
+    # Every token after the first of its block, but the BOS markers opening documents.
+    per_token = text_eval.token_nll(tuned, blocks)
+    bos = tokenizer.bos_token_id
+    scored = [v for b, nll in zip(blocks, per_token) for t, v in zip(b[1:], nll) if t != bos]
+    assert len(scored) == run.data.metrics["perplexity_tokens"]
+    assert len(scored) == sum(map(len, blocks)) - len(blocks) - len(test) + sum(
+        b[0] == bos for b in blocks
+    )  # fmt: skip
+    ppl = math.exp(sum(scored) / len(scored))
     assert ppl == pytest.approx(run.data.metrics["perplexity"], rel=1e-6)

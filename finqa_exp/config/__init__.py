@@ -14,6 +14,7 @@ and cross-field rules, before any data or model is touched::
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
@@ -78,6 +79,10 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("finqa.gpus", _gpus_for_trials)
     # ${finqa.parallel:N} is how many jobs a launcher's n_jobs=N runs at once, in joblib's
     # terms (-1: one per CPU, -2: all CPUs but one): the sweeper launches that many trials.
+    # ${finqa.stem:PATH} names data by its file, folder or hub dataset (data=text: so
+    # each corpus gets a study of its own): filings/ -> filings, OWNER/NEWS -> NEWS.
+    if not OmegaConf.has_resolver("finqa.stem"):
+        OmegaConf.register_new_resolver("finqa.stem", lambda p: Path(str(p)).stem or str(p))
     if not OmegaConf.has_resolver("finqa.parallel"):
         OmegaConf.register_new_resolver("finqa.parallel", _parallel_jobs)
 

@@ -62,7 +62,7 @@ class DataConfig:
         _require(
             self.format == "qa" or self.prompt_template == "{question}",
             "data.prompt_template must be '{question}' for data.format=text (a completion "
-            f"continues the prompt as written), got {self.prompt_template!r}",
+            f"continues the prompt as written; data=text sets it), got {self.prompt_template!r}",
         )
         _require(self.test_size > 0, f"data.test_size must be > 0, got {self.test_size}")
         if self.test_size >= 1:

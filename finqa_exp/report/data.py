@@ -103,9 +103,9 @@ class StudyData:
     samples: list[dict[str, Any]]
     champion: Champion | None = None
     # trial number -> the objective per test question (scores.json), for the top trials;
-    # for a perplexity, each held-out block's summed NLL, with its tokens in block_tokens
+    # for a perplexity, each held-out document's summed NLL, its tokens in doc_tokens
     question_scores: dict[int, list[float | None]] = field(default_factory=dict)
-    block_tokens: list[int] | None = None
+    doc_tokens: list[int] | None = None
     # The confirmed configurations, best mean first ([] if the study was not confirmed).
     confirmed: list[ConfirmedRow] = field(default_factory=list)
     # A multi-objective study's objectives (metric first), which way each is better, and
@@ -127,8 +127,8 @@ class StudyData:
 
     @property
     def unit(self) -> str:
-        """What the objective is paired over: test questions, or held-out text blocks."""
-        return "held-out block" if self.block_tokens is not None else "test question"
+        """What the objective is paired over: test questions, or held-out documents."""
+        return "held-out document" if self.doc_tokens is not None else "test question"
 
     @property
     def finished(self) -> int:
@@ -340,10 +340,13 @@ def load_study_data(
                 logged_steps(store.history(t.run.run_id, "eval_loss")),
             )
         scores = question_scores(store, t.run.run_id, data.metric)
+        if scores is not None and data.metric == names.PERPLEXITY:
+            tokens = doc_tokens(store, t.run.run_id)
+            if data.doc_tokens is not None and tokens != data.doc_tokens:
+                scores = None  # scored on other tokens (another block size): no lead
+            data.doc_tokens = data.doc_tokens or tokens
         if scores is not None:
             data.question_scores[t.number] = scores
-            if data.metric == names.PERPLEXITY:
-                data.block_tokens = block_tokens(store, t.run.run_id)
     if best.run is not None:
         data.samples = store.table(best.run.run_id, names.SAMPLES_ARTIFACT)[:num_examples]
     data.confirmed = confirmed_rows(study, store, data)
@@ -358,8 +361,8 @@ def question_scores(store: RunStore, run_id: str, metric: str) -> list[float | N
     return [_score(r[column]) for r in rows] if rows and column in rows[0] else None
 
 
-def block_tokens(store: RunStore, run_id: str) -> list[int]:
-    """A text run's tokens per held-out block (its scores.json)."""
+def doc_tokens(store: RunStore, run_id: str) -> list[int]:
+    """A text run's scored tokens per held-out document (its scores.json)."""
     return [int(r["tokens"]) for r in store.table(run_id, names.SCORES_ARTIFACT)]
 
 

@@ -296,7 +296,7 @@ def gaps_to_best(data: StudyData) -> dict[int, Gap]:
     for number, scores in data.question_scores.items():
         if number == data.best.number or len(scores) != len(best):
             continue
-        gap = _lead(best, scores, data.maximize, data.block_tokens)
+        gap = _lead(best, scores, data.maximize, data.doc_tokens)
         if gap is not None:
             gaps[number] = gap
     return gaps
@@ -309,8 +309,8 @@ def _lead(
     tokens: Sequence[int] | None = None,
 ) -> Gap | None:
     """The best's lead: the mean of its per-question differences, or with ``tokens`` (the
-    scores are blocks' summed NLL) the difference of the two perplexities; each with its
-    paired bootstrap interval."""
+    scores are held-out documents' summed NLL) the difference of the two perplexities;
+    each with its paired bootstrap interval."""
     lead, behind = (best, other) if maximize else (other, best)
     if tokens is not None:
         if len(tokens) != len(best) or any(v is None for v in (*best, *other)):
@@ -336,7 +336,7 @@ def confirmed_gaps(data: StudyData) -> dict[int, Gap]:
     gaps = {}
     for row in rows[1:]:
         if row.question_means is not None and len(row.question_means) == len(best):
-            gap = _lead(best, row.question_means, data.maximize, data.block_tokens)
+            gap = _lead(best, row.question_means, data.maximize, data.doc_tokens)
             if gap is not None:
                 gaps[row.trial.number] = gap
     return gaps

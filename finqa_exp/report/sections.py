@@ -252,7 +252,8 @@ def base_vs_best_blocks(data: StudyData, level: int) -> list[Block]:
         blocks.append(
             Para(
                 f"Perplexity of the held-out documents ({plural(n, 'token')}); interval: "
-                "bootstrap over their blocks. ROUGE is not computed: text has no reference answers."
+                "bootstrap over the documents. ROUGE is not computed: text has no reference "
+                "answers."
             )
         )
     if best.metric("numeric_questions") is not None:

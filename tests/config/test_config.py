@@ -68,7 +68,11 @@ def test_seed_llama2_7b_domain_is_the_recipe_on_plain_text(tmp_path):
 
 def test_text_data_brings_its_objective_and_keeps_the_users(tmp_path):
     conf = validate(compose_cfg(["data=finance_text"], tmp_path))
-    assert (conf.data.format, conf.data.max_length) == ("text", 256)
+    assert (conf.data.format, conf.data.max_length, conf.data.test_size) == ("text", 256, 12)
+    # Your own text is named after its path, so each corpus has a study of its own.
+    for path, name in (("/data/filings/", "filings"), ("notes.jsonl", "notes"), ("o/news", "news")):
+        own = validate(compose_cfg(["data=text", f"data.path={path}"], tmp_path))
+        assert own.data.name == name
     assert (conf.objective.metric, conf.objective.direction) == ("perplexity", "minimize")
     own = ["data=finance_text", "objective.metric=eval_loss", "objective.direction=minimize"]
     assert validate(compose_cfg(own, tmp_path)).objective.metric == "eval_loss"

@@ -48,7 +48,8 @@ SWEEP = [
 
 def perplexity_lead(store, best_runs, other_runs) -> str:
     """The best's lead as the report must give it: the difference of the perplexities of
-    each side's per-block NLL (averaged over its runs), with the bootstrap over blocks."""
+    each side's per-document NLL (averaged over its runs), with the bootstrap over the
+    held-out documents."""
 
     def nll(run_ids):
         tables = [store.table(r, "scores.json") for r in run_ids]
@@ -113,9 +114,10 @@ def test_text_sweep_prunes_and_reports_perplexity_and_completions(tmp_path, cach
     assert records(section, "rank")[1]["best's lead, 95 % interval"] == perplexity_lead(
         store, seeds[0], seeds[1]
     )
-    blocks = len(store.table(run.run_id, "scores.json"))
-    assert f"2 seeds each, paired over {blocks} held-out blocks" in md or (
-        f"on these {blocks} held-out blocks, averaged over seeds" in md
+    docs = len(store.table(run.run_id, "scores.json"))
+    assert docs == 12
+    assert f"2 seeds each, paired over {docs} held-out documents" in md or (
+        f"on these {docs} held-out documents, averaged over seeds" in md
     )
     assert f"## Completions before and after fine-tuning (best trial {best.number})" in md
     samples = store.table(run.run_id, "samples.json")
